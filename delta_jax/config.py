@@ -197,6 +197,8 @@ class DecodeConfig:
 
     def schedule(self, num_layers: int) -> tuple[str, ...]:
         """Per-layer role: 'full', 'selection' or 'sparse'. Validates the schedule."""
+        if self.method == "dense":
+            return tuple("full" for _ in range(num_layers))
         full = tuple(range(min(2, num_layers))) if self.full_layers is None else tuple(self.full_layers)
         sel = self.selection_layers
         if sel is None:
@@ -213,8 +215,6 @@ class DecodeConfig:
             roles[i] = "full"
         for i in sel:
             roles[i] = "selection"
-        if self.method == "dense":
-            return tuple("full" for _ in range(num_layers))
         seen_selection = False
         for i, r in enumerate(roles):
             if r == "selection":

@@ -1,0 +1,187 @@
+"""Flax NNX decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3): one Decoder with switches.
+
+Shapes: tokens `[batch, seq]`; hidden `[batch, seq, hidden]`; q `[batch, seq, heads, head_dim]`;
+KV cache per layer `[batch, kv_heads, max_seq, head_dim]` (head-major: a page is one contiguous tile).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from delta_jax import attention
+from delta_jax.config import DecodeConfig, ModelConfig, PrefillConfig
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation over the last axis, statistics in float32 (as Hugging Face Llama)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies `[head_dim // 2]` (float32), with Llama 3 scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding, half-split layout. x `[batch, seq, heads, head_dim]`, positions `[batch, seq]`."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, d/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _linear(cfg: ModelConfig, n_in: int, n_out: int, bias: bool, dtype, param_dtype, rngs) -> nnx.Linear:
+    return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                      precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention; the attention itself is delegated to `delta_jax.attention`."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = _linear(cfg, h, cfg.num_heads * d, cfg.attention_bias, dtype, param_dtype, rngs)
+        self.k_proj = _linear(cfg, h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, param_dtype, rngs)
+        self.v_proj = _linear(cfg, h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, param_dtype, rngs)
+        self.o_proj = _linear(cfg, cfg.num_heads * d, h, False, dtype, param_dtype, rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
+        """Projected, normed and rotated q `[b, s, H, D]`, k and v `[b, s, KVH, D]`."""
+        b, s, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).reshape(b, s, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def out(self, o: jax.Array) -> jax.Array:
+        b, s = o.shape[:2]
+        return self.o_proj(o.reshape(b, s, -1))
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(cfg, h, i, False, dtype, param_dtype, rngs)
+        self.up_proj = _linear(cfg, h, i, False, dtype, param_dtype, rngs)
+        self.down_proj = _linear(cfg, i, h, False, dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class Decoder(nnx.Module):
+    """Embedding, `num_layers` blocks, final norm and LM head (tied or untied)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=None, rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
+        self.layers = nnx.List([Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, False, dtype, param_dtype, rngs)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Float32 logits `[..., vocab]` from final hidden states `[..., hidden]` (before the final norm)."""
+        h = self.final_norm(h)
+        if self.cfg.tie_embeddings:
+            w = self.embed.embedding[...].astype(h.dtype)
+            prec = jax.lax.Precision.HIGHEST if h.dtype == jnp.float32 else None
+            return jnp.einsum("...h,vh->...v", h, w, precision=prec,
+                              preferred_element_type=jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, method: PrefillConfig,
+                cache_len: Optional[int] = None, trace: bool = False):
+        """Runs the prompt. tokens `[b, T]` right-padded, lengths `[b]`.
+
+        Returns hidden `[b, T, hidden]`, the KV cache (tuple of (k, v) per layer, each
+        `[b, kv_heads, cache_len, head_dim]`, or None) and, with `trace`, per-layer attention
+        outputs `[layers, b, T, heads, head_dim]`.
+        """
+        b, t = tokens.shape
+        inv_freq = rope_frequencies(self.cfg)
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.embed(tokens)
+        cache, traces = [], []
+        for layer in self.layers:
+            q, k, v = layer.attn.qkv(layer.attn_norm(x), positions, inv_freq)
+            o = attention.prefill(q, k, v, lengths, method)
+            if trace:
+                traces.append(o)
+            if cache_len is not None:
+                cache.append(attention.cache_from_prefill(k, v, cache_len))
+            x = x + layer.attn.out(o)
+            x = x + layer.mlp(layer.mlp_norm(x))
+        return x, (tuple(cache) if cache_len is not None else None), (
+            jnp.stack(traces) if trace else None)
+
+    def decode(self, tokens: jax.Array, lengths: jax.Array, cache, method: DecodeConfig):
+        """One decode step. tokens `[b]` at positions `lengths` `[b]`; returns (logits `[b, vocab]`, cache).
+
+        Every layer appends its key and value; the attention per layer follows the method's schedule.
+        """
+        inv_freq = rope_frequencies(self.cfg)
+        positions = lengths[:, None]
+        x = self.embed(tokens[:, None])
+        roles = method.schedule(self.cfg.num_layers)
+        new_cache, selection = [], None
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.attn.qkv(layer.attn_norm(x), positions, inv_freq)
+            kc, vc = attention.cache_append(cache[i], k[:, 0], v[:, 0], lengths)
+            new_cache.append((kc, vc))
+            o, selection = attention.decode(q[:, 0], kc, vc, lengths + 1, roles[i], selection, method)
+            x = x + layer.attn.out(o[:, None])
+            x = x + layer.mlp(layer.mlp_norm(x))
+        return self.logits(x[:, 0]), tuple(new_cache)
