@@ -106,7 +106,8 @@ class ModelConfig:
             rope_scaling=scaling,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
+            attention_bias=bool(model_type == "qwen2" if d.get("attention_bias") is None
+                                else d["attention_bias"]),
             qk_norm=model_type == "qwen3",
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             bos_token_id=d.get("bos_token_id"),
@@ -121,6 +122,9 @@ class ModelConfig:
             return cls.from_hf(json.load(f))
 
 
+PREFILL_VARIANTS = ("published", "nd", "mix", "gated")
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig:
     """Prefill attention: `dense`, `window` (sliding window + sinks, optionally with exact strided rows
@@ -128,7 +132,11 @@ class PrefillConfig:
 
     `tail=None` means the authors' default: the last `T % gamma + max(128, gamma)` rows are exact.
     For `window`, `gamma=None` computes no strided rows (with `tail=0`: the authors' `sparse-only`).
-    `variant` selects the correction for `delta` ("published" or one of our documented variants).
+    `variant` selects the correction for `delta`: "published" (the paper's), or our variants
+    "nd" (correction of the softmax numerator and denominator), "mix" (each row's local output mixed
+    with the sampled row's far output at the sampled row's far mass), "gated" (per-head gate by the
+    agreement of consecutive deltas). `topk` key blocks per query block for `base="topk_blocks"`.
+    `dense_layers`: the first layers run dense attention (the HiP-style exact first layers).
     """
 
     method: str = "dense"
@@ -139,6 +147,8 @@ class PrefillConfig:
     smooth: bool = False
     base: str = "window"
     variant: str = "published"
+    topk: int = 8
+    dense_layers: int = 0
 
     def __post_init__(self):
         if self.method not in ("dense", "window", "delta"):
@@ -155,6 +165,12 @@ class PrefillConfig:
             raise ConfigError("delta prefill needs gamma")
         if self.tail is not None and self.tail < 0:
             raise ConfigError(f"tail must be >= 0, got {self.tail}")
+        if self.base not in ("window", "topk_blocks"):
+            raise ConfigError(f"unknown sparse base {self.base!r}; choose window or topk_blocks")
+        if self.variant not in PREFILL_VARIANTS:
+            raise ConfigError(f"unknown delta variant {self.variant!r}; choose one of {PREFILL_VARIANTS}")
+        if self.dense_layers < 0:
+            raise ConfigError(f"dense_layers must be >= 0, got {self.dense_layers}")
 
     def tail_rows(self, length: int) -> int:
         """Number of exact tail rows for a prompt of `length` tokens."""

@@ -112,7 +112,11 @@ class Engine:
         _log(f"loading {name_or_path} ({cfg.model_type}, {cfg.num_layers} layers) as {dtype}", progress)
         params = load_params(folder, dtype=DTYPES[dtype])
         model = build_model(cfg, DTYPES[dtype], params)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = None
+        if any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model")):
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        else:
+            _log(f"no tokenizer in {folder}: prompts must be token ids", progress)
         return cls(model, tokenizer, max_seq_len=max_seq_len, mesh=mesh, progress=progress)
 
     @classmethod
@@ -298,6 +302,20 @@ class Engine:
         return [ScoreOutput(tokens=s, logprobs=lp[i, :len(s) - 1],
                             last_logprobs=None if lastlp is None else lastlp[i])
                 for i, s in enumerate(seqs)]
+
+    def logits(self, prompt, *, prefill: Union[str, PrefillConfig] = "dense", **params) -> np.ndarray:
+        """Float32 logits `[T, vocab]` at every position of one prompt."""
+        prefill, _ = methods_from(prefill, "dense", params)
+        seqs = [self.encode(prompt)]
+        toks, lengths = self._batch(seqs)
+        graphdef = self.graphdef
+
+        def fn(state, tokens, lengths):
+            model = nnx.merge(graphdef, state)
+            return model.logits(model.prefill(tokens, lengths, prefill, None)[0][0])
+
+        run = self._compile(("logits", toks.shape, prefill), fn, self.state, toks, lengths)
+        return np.asarray(run(self.state, toks, lengths))[:len(seqs[0])]
 
     def attention_outputs(self, tokens, *, prefill: Union[str, PrefillConfig] = "dense",
                           **params) -> np.ndarray:

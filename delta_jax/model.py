@@ -155,9 +155,10 @@ class Decoder(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed(tokens)
         cache, traces = [], []
-        for layer in self.layers:
+        dense = PrefillConfig(method="dense")
+        for i, layer in enumerate(self.layers):
             q, k, v = layer.attn.qkv(layer.attn_norm(x), positions, inv_freq)
-            o = attention.prefill(q, k, v, lengths, method)
+            o = attention.prefill(q, k, v, lengths, dense if i < method.dense_layers else method)
             if trace:
                 traces.append(o)
             if cache_len is not None:

@@ -1,0 +1,132 @@
+"""The sparse methods inside the model: Delta Attention prefill and DELTA decode.
+
+Prefill rows are right-padded with per-sequence `lengths [b]`; the exact rows are the strided rows
+`0, gamma, 2 gamma, ...` (shared by the batch) and each sequence's own tail `[L_b - tail_b, L_b)`.
+The kernels (`pallas_kernels`) compute the sparse base and the exact rows; this module picks the
+rows and combines them per method and variant (cheap elementwise work).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from delta_jax.config import DecodeConfig, PrefillConfig
+from pallas_kernels import delta_decode as dk
+from pallas_kernels import sparse_prefill as pk
+
+
+def tail_lengths(lengths: jax.Array, method: PrefillConfig, t: int) -> tuple[jax.Array, int]:
+    """Per-sequence exact tail rows `[b]` and their static upper bound."""
+    g = method.gamma
+    if method.tail is not None:
+        tail = jnp.minimum(lengths, method.tail)
+        return tail, min(method.tail, t)
+    if g is None:
+        return jnp.zeros_like(lengths), 0
+    tail = jnp.minimum(lengths, lengths % g + max(128, g))
+    return tail, min(t, g - 1 + max(128, g))
+
+
+def sparse_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                   method: PrefillConfig) -> jax.Array:
+    """`window` (sparse-only or recompute) and `delta` prefill. q `[b, T, H, D]` -> `[b, T, H, D]`."""
+    b, t, h, d = q.shape
+    window, sinks = min(method.window, t), min(method.sinks, t)
+    if method.base == "topk_blocks":
+        sparse, lse = pk.topk_blocks_attention(q, k, v, window=window, sinks=sinks, topk=method.topk,
+                                               return_lse=True)
+    else:
+        sparse, lse = pk.sparse_attention(q, k, v, window=window, sinks=sinks, return_lse=True)
+    tail, max_tail = tail_lengths(lengths, method, t)
+    g = method.gamma
+    n_strided = -(-t // g) if g is not None else 0
+    if n_strided == 0 and max_tail == 0:
+        return sparse
+    strided = jnp.broadcast_to(jnp.arange(n_strided, dtype=jnp.int32) * (g or 1), (b, n_strided))
+    tail_rows = jnp.clip(lengths[:, None] - max_tail + jnp.arange(max_tail, dtype=jnp.int32)[None, :], 0, t - 1)
+    rows = jnp.concatenate([strided, tail_rows], axis=1)
+    exact, exact_lse = pk.exact_rows_attention(q, k, v, rows, return_lse=True)
+    exact_s, exact_t = exact[:, :n_strided], exact[:, n_strided:]
+
+    pos = jnp.arange(t, dtype=jnp.int32)
+    tail_start = (lengths - tail)[:, None]                       # [b, 1]
+    in_tail = pos[None, :] >= tail_start                         # [b, T]
+    if n_strided:
+        blk = pos // g                                           # [T]
+        if method.method == "window":                            # recompute: exact rows, no correction
+            out = jnp.where((pos % g == 0)[None, :, None, None], exact_s[:, blk], sparse)
+        else:
+            out = _correct(sparse, lse, exact_s, exact_lse[..., :n_strided], blk, tail_start, method)
+    else:
+        out = sparse
+    tail_idx = jnp.clip(pos[None, :] - lengths[:, None] + max_tail, 0, max(max_tail - 1, 0))
+    if max_tail:
+        from_tail = jnp.take_along_axis(exact_t, tail_idx[:, :, None, None], axis=1)
+        out = jnp.where(in_tail[:, :, None, None], from_tail, out)
+    return out.astype(q.dtype)
+
+
+def _correct(sparse, lse, exact_s, exact_lse, blk, tail_start, method: PrefillConfig):
+    """Delta correction of every row from its block's sampled row. Shapes: sparse `[b, T, H, D]`,
+    lse `[b, H, T]`, exact_s `[b, n, H, D]`, exact_lse `[b, H, n]`, blk `[T]`."""
+    g = method.gamma
+    f32 = jnp.float32
+    s = sparse.astype(f32)
+    sampled = s[:, ::g]                                          # sparse output of the sampled rows
+    delta = exact_s.astype(f32) - sampled                        # [b, n, H, D]
+    if method.variant == "published":
+        if not method.smooth:
+            return s + delta[:, blk]
+        n = delta.shape[1]
+        a = ((jnp.arange(s.shape[1]) % g) / g).astype(f32)[None, :, None, None]
+        nxt = jnp.minimum(blk + 1, n - 1)
+        has_next = ((nxt * g) < tail_start) & (nxt > blk)[None, :]      # [b, T]
+        d_next = jnp.where(has_next[:, :, None, None], delta[:, nxt], delta[:, blk])
+        return s + (1 - a) * delta[:, blk] + a * d_next
+    if method.variant == "gated":
+        # per head and block: trust the delta as far as it agrees with the next block's delta
+        nxt = jnp.concatenate([delta[:, 1:], delta[:, -1:]], axis=1)
+        cos = jnp.sum(delta * nxt, -1) / (jnp.linalg.norm(delta, axis=-1) * jnp.linalg.norm(nxt, axis=-1) + 1e-9)
+        gate = jnp.clip(cos, 0.0, 1.0)[..., None]                # [b, n, H, 1]
+        out = s + (gate * delta)[:, blk]
+        is_sampled = (jnp.arange(s.shape[1]) % g == 0)[None, :, None, None]
+        return jnp.where(is_sampled, exact_s.astype(f32)[:, blk], out)
+    # softmax-sum variants: row t's local sums plus the sampled row r's far sums
+    l_t = jnp.swapaxes(lse, 1, 2)[..., None]                     # [b, T, H, 1]
+    l_r = l_t[:, ::g]                                            # [b, n, H, 1]
+    d_r = jnp.swapaxes(exact_lse, 1, 2)[..., None]               # [b, n, H, 1]
+    if method.variant == "mix":
+        # out = (1 - m_r) S(t) + m_r F(r), m_r the sampled row's far mass
+        m_r = jnp.clip(1 - jnp.exp(l_r - d_r), 0.0, 1.0)
+        far = (exact_s.astype(f32) - (1 - m_r) * sampled) / jnp.maximum(m_r, 1e-9)
+        far = jnp.where(m_r > 1e-6, far, 0.0)
+        return (1 - m_r[:, blk]) * s + m_r[:, blk] * far[:, blk]
+    # "nd": out = (Z_loc(t) S(t) + Z_dense(r) A(r) - Z_loc(r) S(r)) / (Z_loc(t) + Z_dense(r) - Z_loc(r))
+    lr, dr, er, sr = l_r[:, blk], d_r[:, blk], exact_s.astype(f32)[:, blk], sampled[:, blk]
+    c = jnp.maximum(l_t, dr)
+    wt, wd, wl = jnp.exp(l_t - c), jnp.exp(dr - c), jnp.exp(jnp.minimum(lr, dr) - c)
+    far_z = jnp.maximum(wd - wl, 0.0)
+    return (wt * s + wd * er - wl * sr) / (wt + far_z)
+
+
+# ------------------------------------------------------------------------------------------ decode
+
+def delta_decode(q: jax.Array, kc: jax.Array, vc: jax.Array, lengths: jax.Array, role: str,
+                 selection: Optional[tuple], method: DecodeConfig):
+    """DELTA decode for a 'selection' or 'sparse' layer. q `[b, H, D]`, cache `[b, KVH, S, D]`.
+
+    A selection layer attends densely and picks the pages (shared by all heads of the following
+    layers); a sparse layer attends to the selected pages only, read from the full cache.
+    """
+    if role == "selection":
+        out, scores = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=method.page_size)
+        selection = dk.select_pages(scores, lengths, page_size=method.page_size,
+                                    budget=method.budget, recent=method.recent)
+        return out, selection
+    if selection is None:
+        raise ValueError("a sparse decode layer needs a selection layer before it")
+    idx, valid = selection
+    return dk.sparse_decode_attention(q, kc, vc, idx, valid, lengths, page_size=method.page_size), selection
