@@ -36,7 +36,9 @@ def _add_methods(p: argparse.ArgumentParser, decode: bool = True):
     g.add_argument("--tail", type=int, help="exact tail rows (default: T %% gamma + max(128, gamma))")
     g.add_argument("--smooth", action="store_true", default=None, help="interpolate between deltas")
     g.add_argument("--base", choices=["window", "topk_blocks"], help="sparse base of delta")
-    g.add_argument("--variant", help="correction or selection variant (see README)")
+    g.add_argument("--variant", help="correction variant of delta: published, nd, mix, gated")
+    g.add_argument("--topk", type=int, help="key blocks per query block for base topk_blocks (default 8)")
+    g.add_argument("--dense-layers", type=int, help="first layers with dense prefill (default 0)")
     if decode:
         g = p.add_argument_group("decode method")
         g.add_argument("--decode", default="dense", choices=["dense", "delta"])
@@ -48,7 +50,7 @@ def _add_methods(p: argparse.ArgumentParser, decode: bool = True):
 
 
 def _method_params(a: argparse.Namespace) -> dict:
-    names = ["window", "sinks", "gamma", "tail", "smooth", "base", "variant", "full_layers",
+    names = ["window", "sinks", "gamma", "tail", "smooth", "base", "variant", "topk", "dense_layers", "full_layers",
              "selection_layers", "page_size", "budget", "recent"]
     return {n: getattr(a, n) for n in names if getattr(a, n, None) is not None}
 
@@ -69,11 +71,7 @@ def _prompts(a: argparse.Namespace) -> list[str]:
 
 def _engine(a: argparse.Namespace):
     from delta_jax.engine import Engine
-    mesh = None
-    if a.mesh:
-        from delta_jax import sharding
-        mesh = sharding.make_mesh(a.mesh)
-    return Engine.from_pretrained(a.model, dtype=a.dtype, max_seq_len=a.max_seq_len, mesh=mesh)
+    return Engine.from_pretrained(a.model, dtype=a.dtype, max_seq_len=a.max_seq_len, mesh=a.mesh)
 
 
 def cmd_convert(a):

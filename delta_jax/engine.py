@@ -96,7 +96,35 @@ class Engine:
         self.mesh = mesh
         self.progress = progress
         self.graphdef, self.state = nnx.split(model)
+        if mesh is not None:
+            self.state = self._place_state(self.state)
         self._compiled: dict = {}
+
+    def _place_state(self, state):
+        from delta_jax import sharding
+        placed = []
+        for path, var in nnx.to_flat_state(state):
+            name = "/".join(map(str, path))
+            sh = sharding.param_sharding(name, self.mesh, self.config)
+            placed.append((path, var.replace(jax.device_put(var[...], sh))))
+        return nnx.from_flat_state(placed)
+
+    def _put(self, x):
+        """Places a host batch array on the mesh (batch over `data` where it divides)."""
+        if self.mesh is None:
+            return x
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        data = self.mesh.shape["data"]
+        spec = P("data") if x.shape[0] % data == 0 else P()
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def _cache_shardings(self, batch: int, cache_len: int):
+        if self.mesh is None:
+            return None
+        from delta_jax import sharding
+        shape = (batch, self.config.num_kv_heads, cache_len, self.config.head_dim)
+        sh = sharding.cache_sharding(shape, self.mesh)
+        return tuple((sh, sh) for _ in range(self.config.num_layers))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -110,7 +138,13 @@ class Engine:
         folder = builtin.resolve(name_or_path, progress=progress)
         cfg = ModelConfig.from_hf(load_config(folder))
         _log(f"loading {name_or_path} ({cfg.model_type}, {cfg.num_layers} layers) as {dtype}", progress)
-        params = load_params(folder, dtype=DTYPES[dtype])
+        shardings = None
+        if mesh is not None:
+            from delta_jax import sharding
+            if not isinstance(mesh, jax.sharding.Mesh):
+                mesh = sharding.make_mesh(None if mesh == "auto" else mesh, cfg=cfg)
+            shardings = functools.partial(sharding.param_sharding, mesh=mesh, cfg=cfg)
+        params = load_params(folder, dtype=DTYPES[dtype], shardings=shardings)
         model = build_model(cfg, DTYPES[dtype], params)
         tokenizer = None
         if any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model")):
@@ -121,7 +155,7 @@ class Engine:
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, dtype: str = "bfloat16", seed: int = 0, tokenizer=None,
-                    max_seq_len: Optional[int] = None, progress: bool = False) -> "Engine":
+                    max_seq_len: Optional[int] = None, mesh=None, progress: bool = False) -> "Engine":
         """Random weights (initialised on the device)."""
         dt = DTYPES[dtype]
 
@@ -132,7 +166,10 @@ class Engine:
         abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dt, rngs=nnx.Rngs(0)))
         graphdef, _ = nnx.split(abstract)
         model = nnx.merge(graphdef, init())
-        return cls(model, tokenizer, max_seq_len=max_seq_len, progress=progress)
+        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+            from delta_jax import sharding
+            mesh = sharding.make_mesh(None if mesh == "auto" else mesh, cfg=cfg)
+        return cls(model, tokenizer, max_seq_len=max_seq_len, mesh=mesh, progress=progress)
 
     # ------------------------------------------------------------------ tokenisation
     def encode(self, prompt: Union[str, Sequence[int]], chat: bool = False) -> list[int]:
@@ -164,14 +201,18 @@ class Engine:
         tokens = np.zeros((len(seqs), t), np.int32)
         for i, s in enumerate(seqs):
             tokens[i, :len(s)] = s
-        return jnp.asarray(tokens), jnp.asarray([len(s) for s in seqs], jnp.int32)
+        return (self._put(jnp.asarray(tokens)),
+                self._put(jnp.asarray([len(s) for s in seqs], jnp.int32)))
 
     # ------------------------------------------------------------------ compiled steps
-    def _compile(self, key, fn, *args, donate=()):
+    def _compile(self, key, fn, *args, donate=(), out_shardings=None):
         if key not in self._compiled:
+            from delta_jax import sharding
             _log(f"compiling {key[0]} {key[1:]}", self.progress)
             t0 = time.perf_counter()
-            self._compiled[key] = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+            kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+            with sharding.use_mesh(self.mesh):
+                self._compiled[key] = jax.jit(fn, donate_argnums=donate, **kw).lower(*args).compile()
             _log(f"compiled {key[0]} in {time.perf_counter() - t0:.1f}s", self.progress)
         return self._compiled[key]
 
@@ -193,6 +234,10 @@ class Engine:
             logits, cache = model.decode(tokens, lengths, cache, method)
             return sample(logits, key, temperature, top_p), cache
         return fn
+
+    def _rep(self):
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        return NamedSharding(self.mesh, P())
 
     # ------------------------------------------------------------------ generate
     def generate(self, prompts, *, max_new_tokens: int = 32, chat: bool = False,
@@ -220,8 +265,10 @@ class Engine:
         if decode.method == "delta":
             decode.schedule(self.config.num_layers)  # validate before compiling
 
+        cache_sh = self._cache_shardings(tokens.shape[0], cache_len)
         pre = self._compile(("prefill", tokens.shape, prefill, cache_len),
-                            self._prefill_fn(prefill, cache_len), self.state, tokens, lengths)
+                            self._prefill_fn(prefill, cache_len), self.state, tokens, lengths,
+                            out_shardings=None if cache_sh is None else (self._rep(), cache_sh))
         t0 = time.perf_counter()
         logits, cache = pre(self.state, tokens, lengths)
         key = jax.random.PRNGKey(seed)
@@ -232,7 +279,8 @@ class Engine:
         prefill_s = time.perf_counter() - t0
 
         dec = self._compile(("decode", tokens.shape[0], cache_len, decode), self._decode_fn(decode),
-                            self.state, cache, nxt, lengths, key, temp, tp, donate=(1,))
+                            self.state, cache, nxt, lengths, key, temp, tp, donate=(1,),
+                            out_shardings=None if cache_sh is None else (self._rep(), cache_sh))
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
