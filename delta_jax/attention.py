@@ -87,6 +87,14 @@ def dense_decode(q: jax.Array, kc: jax.Array, vc: jax.Array, lengths: jax.Array)
     return o.reshape(b, h, d).astype(q.dtype)
 
 
+def pallas_dense_decode(q: jax.Array, kc: jax.Array, vc: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Dense decode through jax's Pallas GPU kernel (interpret mode off the GPU)."""
+    from jax.experimental.pallas.ops.gpu import decode_attention as jd
+    # gqa takes [b, S, KVH, D] and swaps to head-major itself: the two transposes cancel under jit
+    return jd.gqa(q, jnp.swapaxes(kc, 1, 2), jnp.swapaxes(vc, 1, 2), kv_seq_len=lengths,
+                  interpret=jax.default_backend() != "gpu")
+
+
 def decode(q: jax.Array, kc: jax.Array, vc: jax.Array, lengths: jax.Array, role: str,
            selection: Optional[tuple], method: DecodeConfig):
     """One layer's decode attention by its role ('full', 'selection', 'sparse').
@@ -94,6 +102,8 @@ def decode(q: jax.Array, kc: jax.Array, vc: jax.Array, lengths: jax.Array, role:
     Returns (out `[b, H, D]`, selection), the selection being what sparse layers read.
     """
     if role == "full":
+        if method.kernel == "pallas":
+            return pallas_dense_decode(q, kc, vc, lengths), selection
         return dense_decode(q, kc, vc, lengths), selection
     from delta_jax import delta
     return delta.delta_decode(q, kc, vc, lengths, role, selection, method)

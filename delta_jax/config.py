@@ -188,7 +188,8 @@ class DecodeConfig:
     """Decode attention: `dense`, or `delta` (DELTA: full, selection and sparse layers).
 
     `selection_layers=None` scales the reference's layers 2, 14, 22 of 28 to the model depth;
-    `full_layers=None` means the first two layers.
+    `full_layers=None` means the first two layers. `kernel`: dense decode attention through XLA or
+    through jax's Pallas GPU decode kernel (`pallas`).
     """
 
     method: str = "dense"
@@ -198,10 +199,13 @@ class DecodeConfig:
     budget: int = 64
     recent: int = 8
     variant: str = "published"
+    kernel: str = "xla"
 
     def __post_init__(self):
         if self.method not in ("dense", "delta"):
             raise ConfigError(f"unknown decode method {self.method!r}; choose dense or delta")
+        if self.kernel not in ("xla", "pallas"):
+            raise ConfigError(f"unknown dense decode kernel {self.kernel!r}; choose xla or pallas")
         if self.method == "dense":
             return
         if self.page_size < 1:

@@ -57,13 +57,13 @@ def bucket(n: int, minimum: int = 128) -> int:
 
 def methods_from(prefill, decode, params: dict) -> tuple[PrefillConfig, DecodeConfig]:
     """Builds the method configs from names or configs plus keyword parameters of the same names."""
-    unknown = set(params) - _PREFILL_FIELDS - _DECODE_FIELDS
+    unknown = set(params) - _PREFILL_FIELDS - _DECODE_FIELDS - {"decode_variant"}
     if unknown:
         raise ConfigError(f"unknown method parameters: {sorted(unknown)}")
     pre_kw = {k: v for k, v in params.items() if k in _PREFILL_FIELDS and v is not None}
     dec_kw = {k: v for k, v in params.items() if k in _DECODE_FIELDS and v is not None}
-    if "variant" in params and params["variant"] is not None:
-        pre_kw["variant"] = params["variant"]
+    if params.get("decode_variant") is not None:
+        dec_kw["variant"] = params["decode_variant"]
     if isinstance(prefill, str):
         prefill = PrefillConfig(method=prefill, **pre_kw)
     elif pre_kw:
