@@ -1,0 +1,176 @@
+"""Pallas Triton (GPU) kernel: causal flash attention over a block-sparse set of key blocks.
+
+One program per (query tile, batch, head). The key blocks come either from ranges computed in
+the kernel from the tile's positions (sink blocks, then the window band, split into masked edge
+blocks and an unmasked interior) or from a list read inside the kernel (block-sparse form).
+Queries come either in place (`[B, T, H, D]`, contiguous positions) or folded: gathered rows of
+the `group` heads of one kv head stacked as `[B, Hkv, N, D]` with a position per row, so one
+program loads each key block once for the whole group.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .schedule import FAR, MASK_VALUE, valid_mask
+
+LOG2E = math.log2(math.e)
+
+
+def _div(a, b):
+    return lax.div(a, jnp.int32(b))
+
+
+def _kernel(*refs, folded, listed, block_k, num_k_blocks, window, sinks, scale, precision, with_lse):
+    refs = list(refs)
+    pos_ref = refs.pop(0) if folded else None
+    q_ref, k_ref, v_ref = refs[:3]
+    refs = refs[3:]
+    if listed:
+        idx_ref, cnt_ref = refs[:2]
+        refs = refs[2:]
+    o_ref = refs[0]
+    lse_ref = refs[1] if with_lse else None
+
+    bq, d = q_ref.shape
+    if folded:
+        t = pos_ref[...]
+        tmin, tmax = jnp.min(t), jnp.max(t)
+    else:
+        tmin = pl.program_id(0) * bq
+        t = tmin + jnp.arange(bq, dtype=jnp.int32)
+        tmax = tmin + (bq - 1)
+    q = q_ref[...]
+    qk_scale = scale * LOG2E
+
+    def step(kb, carry, masked):
+        m, l, acc = carry
+        ks = pl.ds(pl.multiple_of(kb * block_k, block_k), block_k)
+        k = k_ref[ks, :]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32) * qk_scale
+        if masked:
+            keep = valid_mask(t[:, None], kb * block_k + jnp.arange(block_k, dtype=jnp.int32)[None, :],
+                              window, sinks)
+            s = jnp.where(keep, s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.exp2(s - m_new[:, None])
+        if masked:
+            p = jnp.where(keep, p, 0.0)
+        corr = jnp.exp2(m - m_new)
+        l = l * corr + jnp.sum(p, axis=1)
+        v = v_ref[ks, :]
+        acc = acc * corr[:, None] + lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+            preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    carry = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
+             jnp.zeros((bq, d), jnp.float32))
+    if listed:
+        carry = lax.fori_loop(0, cnt_ref[0], lambda j, c: step(idx_ref[j], c, True), carry)
+    else:
+        hi = jnp.minimum(_div(tmax, block_k) + 1, num_k_blocks)
+        if window >= FAR:
+            lo = jnp.int32(0)
+            inner_lo = jnp.int32(0)
+        else:
+            lo = jnp.minimum(_div(jnp.maximum(tmin - window + 1, 0), block_k), hi)
+            inner_lo = jnp.minimum(_div(jnp.maximum(tmax - window + 1, 0) + block_k - 1, block_k), hi)
+        inner_lo = jnp.maximum(inner_lo, lo)
+        inner_hi = jnp.minimum(jnp.maximum(_div(tmin + 1, block_k), inner_lo), hi)
+        if sinks and window < FAR:
+            sink_hi = jnp.minimum(-(-sinks // block_k), lo)
+            carry = lax.fori_loop(0, sink_hi, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(lo, inner_lo, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(inner_lo, inner_hi, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(inner_hi, hi, functools.partial(step, masked=True), carry)
+    m, l, acc = carry
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    if with_lse:
+        lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) / LOG2E)
+
+
+def _params(num_warps, num_stages):
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def attend_direct(q, k, v, *, block_q, block_k, window, sinks, indices=None, counts=None,
+                  num_warps=4, num_stages=2, interpret=False):
+    """Every row in place. q [B, Tq, H, D] (Tq a multiple of block_q), k/v [B, Tk, Hkv, D]
+    (Tk a multiple of block_k). Optional `indices` [B, Hkv, nQ, L] / `counts` [B, Hkv, nQ]:
+    the key blocks of each query tile (else the window/sinks ranges). Returns out, lse [B, H, Tq]."""
+    B, tq, H, D = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = H // hkv
+    nq = tq // block_q
+    listed = indices is not None
+    kernel = functools.partial(
+        _kernel, folded=False, listed=listed, block_k=block_k, num_k_blocks=tk // block_k,
+        window=window, sinks=sinks, scale=D ** -0.5, precision=_precision(q.dtype), with_lse=True)
+    in_specs = [
+        pl.BlockSpec((None, block_q, None, D), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, tk, None, D), lambda i, b, h: (b, 0, h // group, 0)),
+        pl.BlockSpec((None, tk, None, D), lambda i, b, h: (b, 0, h // group, 0)),
+    ]
+    args = [q, k, v]
+    if listed:
+        L = indices.shape[-1]
+        in_specs += [pl.BlockSpec((None, None, None, L), lambda i, b, h: (b, h // group, i, 0)),
+                     pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h // group, i))]
+        args += [indices, counts]
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(nq, B, H),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, block_q, None, D), lambda i, b, h: (b, i, h, 0)),
+                   pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((B, H, tq), jnp.float32)],
+        compiler_params=_params(num_warps, num_stages),
+        interpret=interpret,
+        name="sparse_prefill_direct",
+    )(*args)
+    return out, lse
+
+
+def attend_folded(qf, pos, k, v, *, block_rows, block_k, window, sinks, num_warps=4, num_stages=2,
+                  interpret=False):
+    """Gathered rows, heads of a group folded. qf [B, Hkv, N, D] (N a multiple of block_rows),
+    pos int32 [B, N], k/v [B, Tk, Hkv, D]. Returns out [B, Hkv, N, D], lse [B, Hkv, N]."""
+    B, hkv, n, D = qf.shape
+    tk = k.shape[1]
+    kernel = functools.partial(
+        _kernel, folded=True, listed=False, block_k=block_k, num_k_blocks=tk // block_k,
+        window=window, sinks=sinks, scale=D ** -0.5, precision=_precision(qf.dtype), with_lse=True)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(n // block_rows, B, hkv),
+        in_specs=[
+            pl.BlockSpec((None, block_rows), lambda i, b, h: (b, i)),
+            pl.BlockSpec((None, None, block_rows, D), lambda i, b, h: (b, h, i, 0)),
+            pl.BlockSpec((None, tk, None, D), lambda i, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((None, tk, None, D), lambda i, b, h: (b, 0, h, 0)),
+        ],
+        out_specs=[pl.BlockSpec((None, None, block_rows, D), lambda i, b, h: (b, h, i, 0)),
+                   pl.BlockSpec((None, None, block_rows), lambda i, b, h: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(qf.shape, qf.dtype),
+                   jax.ShapeDtypeStruct((B, hkv, n), jnp.float32)],
+        compiler_params=_params(num_warps, num_stages),
+        interpret=interpret,
+        name="sparse_prefill_rows",
+    )(pos, qf, k, v)
+    return out, lse
+
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
