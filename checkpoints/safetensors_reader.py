@@ -13,6 +13,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from .io import CheckpointError
+
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -29,10 +31,10 @@ class SafetensorsFile:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
-                raise ValueError(f"{path!r} is not a safetensors file (truncated header)")
+                raise CheckpointError(f"{path!r} is not a safetensors file (truncated header)")
             (n,) = struct.unpack("<Q", head)
             if n > os.path.getsize(path) - 8:
-                raise ValueError(f"{path!r} is not a safetensors file (header length {n})")
+                raise CheckpointError(f"{path!r} is not a safetensors file (header length {n})")
             header = json.loads(f.read(n))
         self.data_start = 8 + n
         self.metadata = header.pop("__metadata__", None) or {}
@@ -45,18 +47,18 @@ class SafetensorsFile:
     def read(self, name: str) -> np.ndarray:
         e = self.entries[name]
         if e["dtype"] not in _DTYPES:
-            raise ValueError(f"tensor {name!r} in {self.path!r} has unsupported dtype {e['dtype']!r}")
+            raise CheckpointError(f"tensor {name!r} in {self.path!r} has unsupported dtype {e['dtype']!r}")
         dtype = _DTYPES[e["dtype"]]
         begin, end = e["data_offsets"]
         shape = tuple(e["shape"])
         count = int(np.prod(shape, dtype=np.int64))
         if end - begin != count * dtype.itemsize:
-            raise ValueError(f"tensor {name!r} in {self.path!r}: {end - begin} bytes for shape {shape} {e['dtype']}")
+            raise CheckpointError(f"tensor {name!r} in {self.path!r}: {end - begin} bytes for shape {shape} {e['dtype']}")
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
             out = np.fromfile(f, dtype=dtype, count=count)
         if out.size != count:
-            raise ValueError(f"tensor {name!r} in {self.path!r} is truncated")
+            raise CheckpointError(f"tensor {name!r} in {self.path!r} is truncated")
         return out.reshape(shape)
 
 
@@ -69,12 +71,12 @@ def model_files(folder: str) -> list[str]:
         files = sorted(set(weight_map.values()))
         for name in files:
             if not os.path.isfile(os.path.join(folder, name)):
-                raise ValueError(f"shard {name!r} listed in {index!r} is missing")
+                raise CheckpointError(f"shard {name!r} listed in {index!r} is missing")
         return [os.path.join(folder, name) for name in files]
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(single):
         return [single]
-    raise ValueError(
+    raise CheckpointError(
         f"no model.safetensors or model.safetensors.index.json in {folder!r} "
         "(only safetensors checkpoints are supported, not pytorch .bin)")
 
