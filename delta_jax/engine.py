@@ -208,7 +208,7 @@ class Engine:
     def _compile(self, key, fn, *args, donate=(), out_shardings=None):
         if key not in self._compiled:
             from delta_jax import sharding
-            _log(f"compiling {key[0]} {key[1:]}", self.progress)
+            _log(f"compiling {key[0]} for shape {key[1]}", self.progress)
             t0 = time.perf_counter()
             kw = {} if out_shardings is None else {"out_shardings": out_shardings}
             with sharding.use_mesh(self.mesh):

@@ -32,7 +32,7 @@ def _tiny_hf(family, tmp_path, seed=0):
     cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
     cfg = cls(**{**TINY, **extra})
-    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():  # make norms and biases non-trivial so their layout is tested
         for name, p in model.named_parameters():
             if p.ndim == 1:

