@@ -22,7 +22,8 @@ def _ints(text: str) -> tuple[int, ...]:
 def _add_model(p: argparse.ArgumentParser):
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in model name or converted checkpoint folder (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="weights and activations (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: the model's context)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,model=4 (default: all devices on model)")
 

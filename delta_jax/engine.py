@@ -75,6 +75,15 @@ def methods_from(prefill, decode, params: dict) -> tuple[PrefillConfig, DecodeCo
     return prefill, decode
 
 
+def resolve_dtype(dtype: str) -> str:
+    """`auto` is bfloat16 on accelerators and float32 on the CPU (where bf16 matmuls are emulated)."""
+    if dtype == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose auto, bfloat16 or float32")
+    return dtype
+
+
 def _log(msg: str, progress: bool):
     if progress:
         print(f"[delta-jax] {msg}", file=sys.stderr, flush=True)
@@ -128,13 +137,12 @@ class Engine:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "smollm2-135m", *, dtype: str = "bfloat16",
+    def from_pretrained(cls, name_or_path: str = "smollm2-135m", *, dtype: str = "auto",
                         max_seq_len: Optional[int] = None, mesh=None, progress: bool = True) -> "Engine":
         from checkpoints import builtin, load_config, load_params
         from transformers import AutoTokenizer
 
-        if dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+        dtype = resolve_dtype(dtype)
         folder = builtin.resolve(name_or_path, progress=progress)
         cfg = ModelConfig.from_hf(load_config(folder))
         _log(f"loading {name_or_path} ({cfg.model_type}, {cfg.num_layers} layers) as {dtype}", progress)
@@ -154,10 +162,10 @@ class Engine:
         return cls(model, tokenizer, max_seq_len=max_seq_len, mesh=mesh, progress=progress)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, *, dtype: str = "bfloat16", seed: int = 0, tokenizer=None,
+    def from_config(cls, cfg: ModelConfig, *, dtype: str = "auto", seed: int = 0, tokenizer=None,
                     max_seq_len: Optional[int] = None, mesh=None, progress: bool = False) -> "Engine":
         """Random weights (initialised on the device)."""
-        dt = DTYPES[dtype]
+        dt = DTYPES[resolve_dtype(dtype)]
 
         @jax.jit
         def init():
@@ -402,6 +410,7 @@ def _token_logprobs(model: Decoder, h: jax.Array, tokens: jax.Array, chunk: int 
     return jnp.swapaxes(out, 0, 1).reshape(b, n * chunk)[:, :t - 1]
 
 
+@jax.jit
 def sample(logits: jax.Array, key, temperature, top_p) -> jax.Array:
     """Greedy when temperature == 0, else temperature + nucleus (top-p) sampling. logits `[b, V]`."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
