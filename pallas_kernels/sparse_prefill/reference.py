@@ -83,7 +83,7 @@ def delta_attention_reference(q, k, v, *, window, sinks, gamma, tail=None, smoot
     """Delta Attention written row by row from the definition (ALGORITHMS.md section 1).
 
     `sparse_fn(q, k, v)` gives the sparse base [B, T, H, D] (default: window + sinks).
-    Rows at or past `lengths[b]` are left at the sparse value.
+    Rows at or past `lengths[b]` are left at the sparse value. Returns a NumPy array.
     """
     B, T = q.shape[:2]
     tail = gamma if tail is None else tail
@@ -91,7 +91,8 @@ def delta_attention_reference(q, k, v, *, window, sinks, gamma, tail=None, smoot
         sparse = sparse_attention_reference(q, k, v, window=window, sinks=sinks)
     else:
         sparse = sparse_fn(q, k, v)
-    dense = sparse_attention_reference(q, k, v, window=None, sinks=0)
+    dense = np.asarray(sparse_attention_reference(q, k, v, window=None, sinks=0))
+    sparse = np.asarray(sparse)
     lengths = np.full((B,), T) if lengths is None else np.asarray(lengths)
     out = []
     for b in range(B):
@@ -113,5 +114,5 @@ def delta_attention_reference(q, k, v, *, window, sinks, gamma, tail=None, smoot
                     a = (t % gamma) / gamma
                     d = (1 - a) * d + a * d_next
                 rows.append(sparse[b, t] + d)
-        out.append(jnp.stack(rows))
-    return jnp.stack(out)
+        out.append(np.stack(rows))
+    return np.stack(out)
