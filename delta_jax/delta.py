@@ -36,8 +36,12 @@ def sparse_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
     b, t, h, d = q.shape
     window, sinks = min(method.window, t), min(method.sinks, t)
     if method.base == "topk_blocks":
-        sparse, lse = pk.topk_blocks_attention(q, k, v, window=window, sinks=sinks, topk=method.topk,
-                                               return_lse=True)
+        backend = {"gpu": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "xla")
+        bs = pk.default_block_sizes(backend, d)
+        idx, cnt = pk.select_blocks(q, k, block_q=bs.block_q, block_k=bs.block_k, window=window,
+                                    sinks=sinks, topk=method.topk)
+        sparse, lse = pk.block_sparse_attention(q, k, v, idx, cnt, block_q=bs.block_q, block_k=bs.block_k,
+                                                return_lse=True)
     else:
         sparse, lse = pk.sparse_attention(q, k, v, window=window, sinks=sinks, return_lse=True)
     tail, max_tail = tail_lengths(lengths, method, t)

@@ -1,0 +1,111 @@
+"""Prefill methods inside the model: window (sparse-only, recompute), delta and its variants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from delta_jax import delta
+from delta_jax.config import ConfigError, ModelConfig, PrefillConfig
+from delta_jax.engine import Engine
+from pallas_kernels import sparse_prefill as pk
+
+CFG = ModelConfig(model_type="llama", vocab_size=200, hidden_size=64, intermediate_size=128, num_layers=3,
+                  num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_config(CFG, dtype="float32", seed=3)
+
+
+def _qkv(b=2, t=150, h=4, kvh=2, d=64, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (jax.random.normal(ks[0], (b, t, h, d)), jax.random.normal(ks[1], (b, t, kvh, d)),
+            jax.random.normal(ks[2], (b, t, kvh, d)))
+
+
+def _dense(q, k, v):
+    from delta_jax.attention import dense_prefill
+    return dense_prefill(q, k, v)
+
+
+@pytest.mark.parametrize("variant", ["published", "nd", "mix", "gated"])
+def test_window_covering_the_prompt_gives_dense_logits(engine, variant):
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, 130).tolist()
+    dense = engine.logits(tokens)
+    ours = engine.logits(tokens, prefill="delta", window=512, sinks=4, gamma=16, variant=variant)
+    assert np.max(np.abs(ours - dense)) <= 1e-5
+
+
+def test_published_delta_equals_the_kernel_level_delta_attention():
+    q, k, v = _qkv()
+    lengths = jnp.asarray([150, 150], jnp.int32)
+    m = PrefillConfig(method="delta", window=24, sinks=4, gamma=16, tail=20)
+    ours = delta.sparse_prefill(q, k, v, lengths, m)
+    ref = pk.delta_attention(q, k, v, window=24, sinks=4, gamma=16, tail=20, backend="xla")
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
+    m = PrefillConfig(method="delta", window=24, sinks=4, gamma=16, tail=20, smooth=True)
+    ref = pk.delta_attention(q, k, v, window=24, sinks=4, gamma=16, tail=20, smooth=True, backend="xla")
+    np.testing.assert_allclose(np.asarray(delta.sparse_prefill(q, k, v, lengths, m)), np.asarray(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["published", "nd", "mix", "gated"])
+def test_sampled_rows_and_tail_are_exact(variant):
+    q, k, v = _qkv(seed=1)
+    lengths = jnp.asarray([150, 101], jnp.int32)
+    m = PrefillConfig(method="delta", window=20, sinks=2, gamma=16, tail=10, variant=variant)
+    out = np.asarray(delta.sparse_prefill(q, k, v, lengths, m))
+    for b, n in enumerate([150, 101]):
+        dense = np.asarray(_dense(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n]))[0]
+        rows = [r for r in range(0, n - 10, 16)] + list(range(n - 10, n))
+        np.testing.assert_allclose(out[b, rows], dense[rows], atol=2e-5)
+        # rows elsewhere are not exact (the window misses context), so the check above is not vacuous
+        assert np.max(np.abs(out[b, 40:n - 10] - dense[40:n - 10])) > 1e-3
+
+
+def test_recompute_and_sparse_only_modes():
+    q, k, v = _qkv(seed=2)
+    lengths = jnp.asarray([150, 150], jnp.int32)
+    sparse = np.asarray(pk.sparse_attention(q, k, v, window=20, sinks=2, backend="xla"))
+    dense = np.asarray(_dense(q, k, v))
+    only = np.asarray(delta.sparse_prefill(q, k, v, lengths, PrefillConfig(
+        method="window", window=20, sinks=2, gamma=None, tail=0)))
+    np.testing.assert_allclose(only, sparse, atol=1e-6)
+    rec = np.asarray(delta.sparse_prefill(q, k, v, lengths, PrefillConfig(
+        method="window", window=20, sinks=2, gamma=16, tail=8)))
+    exact = np.zeros(150, bool)
+    exact[::16] = True
+    exact[-8:] = True
+    np.testing.assert_allclose(rec[:, exact], dense[:, exact], atol=2e-5)
+    np.testing.assert_allclose(rec[:, ~exact], sparse[:, ~exact], atol=1e-6)
+
+
+def test_default_tail_is_the_authors():
+    m = PrefillConfig(method="delta", gamma=64)
+    assert m.tail_rows(1000) == 1000 % 64 + 128
+    tail, bound = delta.tail_lengths(jnp.asarray([1000, 100]), m, 1024)
+    assert tail.tolist() == [1000 % 64 + 128, 100] and bound == 63 + 128
+
+
+def test_batched_delta_prefill_equals_one_by_one(engine):
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (230, 77)]
+    kw = dict(prefill="delta", window=32, sinks=4, gamma=16, max_new_tokens=6)
+    batched = engine.generate(prompts, **kw)
+    for p, b in zip(prompts, batched):
+        assert engine.generate([p], **kw)[0].tokens == b.tokens
+
+
+def test_topk_blocks_base_runs_in_the_model(engine):
+    tokens = np.random.default_rng(6).integers(0, CFG.vocab_size, 300).tolist()
+    dense = engine.logits(tokens)
+    out = engine.logits(tokens, prefill="delta", window=32, sinks=4, gamma=16, base="topk_blocks", topk=2)
+    assert np.isfinite(out).all() and out.shape == dense.shape
+
+
+def test_bad_prefill_parameters():
+    for kw, msg in ((dict(window=0), "window"), (dict(gamma=0), "gamma"), (dict(sinks=-1), "sinks"),
+                    (dict(variant="nope"), "variant"), (dict(base="nope"), "base")):
+        with pytest.raises(ConfigError, match=msg):
+            PrefillConfig(method="delta", **kw)
