@@ -1,0 +1,69 @@
+"""DELTA decoding inside the model."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from delta_jax.config import ConfigError, DecodeConfig, ModelConfig, PrefillConfig
+from delta_jax.engine import Engine
+
+CFG = ModelConfig(model_type="llama", vocab_size=200, hidden_size=64, intermediate_size=128, num_layers=6,
+                  num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_config(CFG, dtype="float32", seed=4)
+
+
+def _step_logits(engine, prompt, method, steps=3):
+    """Logits of `steps` decode steps after a dense prefill, feeding fixed tokens."""
+    model = nnx.merge(engine.graphdef, engine.state)
+    tokens = jnp.asarray([prompt], jnp.int32)
+    lengths = jnp.asarray([len(prompt)], jnp.int32)
+    _, cache, _ = model.prefill(tokens, lengths, PrefillConfig(), cache_len=256)
+    out = []
+    for i in range(steps):
+        logits, cache = model.decode(jnp.asarray([11 + i], jnp.int32), lengths + i, cache, method)
+        out.append(np.asarray(logits[0]))
+    return np.stack(out)
+
+
+def test_budget_covering_the_context_equals_dense(engine):
+    prompt = np.random.default_rng(0).integers(0, CFG.vocab_size, 150).tolist()
+    dense = _step_logits(engine, prompt, DecodeConfig())
+    full = _step_logits(engine, prompt, DecodeConfig(method="delta", full_layers=(0,), selection_layers=(1, 4),
+                                                     page_size=16, budget=16, recent=2))
+    assert np.max(np.abs(full - dense)) <= 1e-5
+    small = _step_logits(engine, prompt, DecodeConfig(method="delta", full_layers=(0,), selection_layers=(1, 4),
+                                                      page_size=16, budget=3, recent=1))
+    assert np.max(np.abs(small - dense)) > 1e-4  # a small budget really drops pages
+
+
+def test_generate_with_delta_decode_batched_equals_one_by_one(engine):
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (170, 60)]
+    kw = dict(decode="delta", full_layers=(0,), selection_layers=(1, 3), page_size=16, budget=4, recent=1,
+              max_new_tokens=5)
+    batched = engine.generate(prompts, **kw)
+    for p, b in zip(prompts, batched):
+        assert engine.generate([p], **kw)[0].tokens == b.tokens
+
+
+def test_default_schedule_scales_the_reference():
+    assert DecodeConfig(method="delta").schedule(28).count("selection") == 3
+    roles = DecodeConfig(method="delta").schedule(30)
+    assert [i for i, r in enumerate(roles) if r == "selection"] == [2, 15, 23]
+    assert roles[:2] == ("full", "full")
+
+
+def test_invalid_schedules_are_clear_errors():
+    with pytest.raises(ConfigError, match="sparse before any selection"):
+        DecodeConfig(method="delta", full_layers=(0,), selection_layers=(3,)).schedule(6)
+    with pytest.raises(ConfigError, match="outside 0..5"):
+        DecodeConfig(method="delta", selection_layers=(2, 9)).schedule(6)
+    with pytest.raises(ConfigError, match="budget"):
+        DecodeConfig(method="delta", budget=4, recent=8)
+    with pytest.raises(ConfigError, match="both full and selection"):
+        DecodeConfig(method="delta", full_layers=(0, 1), selection_layers=(1,)).schedule(6)
