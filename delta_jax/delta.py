@@ -124,13 +124,34 @@ def delta_decode(q: jax.Array, kc: jax.Array, vc: jax.Array, lengths: jax.Array,
 
     A selection layer attends densely and picks the pages (shared by all heads of the following
     layers); a sparse layer attends to the selected pages only, read from the full cache.
+    Variants: "published"; "sum" (selection layers rank pages by the head-mean of the softmax
+    instead of its head-max); "per_layer" (the upper bound for per-layer methods: every non-full
+    layer picks its own pages from its own exact scores, then attends to them only).
     """
+    ps, budget, recent = method.page_size, method.budget, method.recent
+    if method.variant == "per_layer":
+        _, scores = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=ps)
+        own = dk.select_pages(scores, lengths, page_size=ps, budget=budget, recent=recent)
+        return dk.sparse_decode_attention(q, kc, vc, *own, lengths, page_size=ps), own
     if role == "selection":
-        out, scores = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=method.page_size)
-        selection = dk.select_pages(scores, lengths, page_size=method.page_size,
-                                    budget=method.budget, recent=method.recent)
-        return out, selection
+        if method.variant == "sum":
+            out = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=ps)[0]
+            scores = page_mass(q, kc, lengths, ps)
+        else:
+            out, scores = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=ps)
+        return out, dk.select_pages(scores, lengths, page_size=ps, budget=budget, recent=recent)
     if selection is None:
         raise ValueError("a sparse decode layer needs a selection layer before it")
-    idx, valid = selection
-    return dk.sparse_decode_attention(q, kc, vc, idx, valid, lengths, page_size=method.page_size), selection
+    return dk.sparse_decode_attention(q, kc, vc, *selection, lengths, page_size=ps), selection
+
+
+def page_mass(q: jax.Array, kc: jax.Array, lengths: jax.Array, page_size: int) -> jax.Array:
+    """Softmax mass per page, averaged over all query heads: `[b, S // page_size]` (sums to 1)."""
+    b, h, d = q.shape
+    kvh, s = kc.shape[1], kc.shape[2]
+    qg = q.reshape(b, kvh, h // kvh, d).astype(jnp.float32)
+    sc = jnp.einsum("bkgd,bksd->bkgs", qg, kc.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(d))
+    valid = jnp.arange(s)[None, :] < lengths[:, None]
+    p = jax.nn.softmax(jnp.where(valid[:, None, None, :], sc, -jnp.inf), axis=-1)
+    return p.mean(axis=(1, 2)).reshape(b, s // page_size, page_size).sum(-1)

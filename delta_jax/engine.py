@@ -373,6 +373,42 @@ class Engine:
         run = self._compile(("logits", toks.shape, prefill), fn, self.state, toks, lengths)
         return np.asarray(run(self.state, toks, lengths))[:len(seqs[0])]
 
+    def coverage(self, prompts, *, decode: Union[str, DecodeConfig] = "delta", steps: int = 8,
+                 chat: bool = False, **params) -> dict:
+        """How well DELTA's shared page selection covers each layer's own attention, over `steps`
+        greedy decode steps after a dense prefill.
+
+        Returns per layer (arrays `[layers]`): `covered` (mean share of the layer's softmax mass, head
+        averaged, on the pages it attended to; 1 for dense layers), `oracle` (mass on the layer's own
+        best `budget` pages: what a per-layer selection could reach), and the roles.
+        """
+        _, decode = methods_from("dense", decode, params)
+        seqs = [self.encode(p, chat) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+        tokens, lengths = self._batch(seqs, steps)
+        cache_len = _round_up(int(lengths.max()) + steps, max(decode.page_size, 128))
+        roles = decode.schedule(self.config.num_layers)
+        pre = self._compile(("prefill", tokens.shape, PrefillConfig(), cache_len),
+                            self._prefill_fn(PrefillConfig(), cache_len), self.state, tokens, lengths)
+        logits, cache = pre(self.state, tokens, lengths)
+        graphdef = self.graphdef
+
+        def fn(state, cache, tok, pos):
+            model = nnx.merge(graphdef, state)
+            logits, cache, (mass, idx, valid) = model.decode(tok, pos, cache, decode, record=True)
+            covered = jnp.sum(jnp.take_along_axis(mass, idx, -1) * valid, -1)          # [L, b]
+            oracle = jnp.sum(jax.lax.top_k(mass, decode.budget)[0], -1)                 # [L, b]
+            return jnp.argmax(logits, -1).astype(jnp.int32), cache, covered, oracle, valid.any(-1)
+
+        run = self._compile(("coverage", tokens.shape[0], cache_len, decode), fn, self.state, cache,
+                            jnp.argmax(logits, -1).astype(jnp.int32), lengths)
+        tok, pos, cov, orc = jnp.argmax(logits, -1).astype(jnp.int32), lengths, [], []
+        for _ in range(steps):
+            tok, cache, c, o, sparse = run(self.state, cache, tok, pos)
+            cov.append(np.where(np.asarray(sparse), np.asarray(c), 1.0))
+            orc.append(np.asarray(o))
+            pos = pos + 1
+        return {"roles": list(roles), "covered": np.mean(cov, axis=(0, 2)), "oracle": np.mean(orc, axis=(0, 2))}
+
     def attention_outputs(self, tokens, *, prefill: Union[str, PrefillConfig] = "dense",
                           **params) -> np.ndarray:
         """Per-layer attention outputs (before o_proj) `[layers, T, heads, head_dim]` for one prompt."""

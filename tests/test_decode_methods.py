@@ -67,3 +67,19 @@ def test_invalid_schedules_are_clear_errors():
         DecodeConfig(method="delta", budget=4, recent=8)
     with pytest.raises(ConfigError, match="both full and selection"):
         DecodeConfig(method="delta", full_layers=(0, 1), selection_layers=(1,)).schedule(6)
+
+
+def test_variants_and_coverage(engine):
+    prompt = np.random.default_rng(2).integers(0, CFG.vocab_size, 200).tolist()
+    dense = _step_logits(engine, prompt, DecodeConfig())
+    for variant in ("sum", "per_layer"):
+        full = _step_logits(engine, prompt, DecodeConfig(method="delta", full_layers=(0,), selection_layers=(1, 4),
+                                                         page_size=16, budget=16, recent=2, variant=variant))
+        assert np.max(np.abs(full - dense)) <= 1e-5
+    cov = engine.coverage([prompt], decode=DecodeConfig(method="delta", full_layers=(0,), selection_layers=(1, 4),
+                                                       page_size=16, budget=4, recent=1), steps=3)
+    roles = cov["roles"]
+    assert roles[2] == "sparse" and roles[1] == "selection"
+    sparse = [i for i, r in enumerate(roles) if r == "sparse"]
+    assert all(0 < cov["covered"][i] <= cov["oracle"][i] + 1e-5 for i in sparse)
+    assert all(cov["covered"][i] == 1.0 for i, r in enumerate(roles) if r != "sparse")
