@@ -1,0 +1,217 @@
+"""Fidelity to dense attention: KL of next-token distributions over a recall tail, and perplexity.
+
+- `recall_samples(tokenizer, length=, n=, seed=)`: key: value records listed early, filler, then the same
+  records recalled (shuffled) at the end; `tail` is the recall section's token count and `value_positions`
+  the indices of the recalled value tokens.
+- `kl_fidelity(engine, methods, length=, samples=)`: per method, KL(dense || method) of the next-token
+  distributions at the positions predicting the recall tail (mean over positions, then over samples, with
+  a t interval), the same at the positions predicting value tokens, the top-1 agreement with dense, and
+  every method's teacher-forced top-1 accuracy on the value tokens.
+- `perplexity(engine, methods, length=, samples=)`: perplexity of long prose over the positions from
+  `start_fraction * length` on, per method, and the paired NLL difference to dense.
+- `run_fidelity(engine, methods=, lengths=, out_dir=)`: both over lengths, written to `fidelity.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+from typing import Optional, Sequence
+
+import numpy as np
+
+from delta_jax.config import PrefillConfig
+from delta_jax.eval import methods as methods_lib
+from delta_jax.eval.corpus import filler_stream, prose
+from delta_jax.eval.stats import t_interval
+from delta_jax.eval.tasks import _number, _word_keys, encode
+
+
+def kl_divergence(logp: np.ndarray, logq: np.ndarray, axis: int = -1) -> np.ndarray:
+    """KL(p || q) = sum p (log p - log q) along `axis`, from log-probabilities, in float64.
+    Terms with p = 0 contribute 0; p > 0 where q = 0 gives inf."""
+    lp = np.asarray(logp, np.float64)
+    lq = np.asarray(logq, np.float64)
+    if lp.shape != lq.shape:
+        raise ValueError(f"logp shape {lp.shape} != logq shape {lq.shape}")
+    p = np.exp(lp)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(p > 0, p * (lp - lq), 0.0)
+    return terms.sum(axis=axis)
+
+
+@dataclasses.dataclass
+class RecallSample:
+    """Token ids, the length of the recall tail (last `tail` tokens) and the recalled value token indices."""
+
+    tokens: list[int]
+    tail: int
+    value_positions: list[int]
+    records: list[tuple[str, str]]
+
+
+def recall_samples(tokenizer, *, length: int, n: int, seed: int = 0, pairs: int = 8) -> list[RecallSample]:
+    """`n` recall texts of at most `length` tokens (records early, filler, the records recalled at the end)."""
+    if pairs < 1 or n < 1:
+        raise ValueError(f"need pairs >= 1 and n >= 1, got pairs={pairs}, n={n}")
+    out = []
+    for i in range(n):
+        rng = random.Random(f"recall|{length}|{seed}|{i}")
+        keys = _word_keys(rng, pairs)
+        records = [(k, _number(rng, 7)) for k in keys]
+        head = "Here is a list of records, one key and its value per line.\n" + "".join(
+            f"{k}: {v}\n" for k, v in records)
+        recalled = list(records)
+        rng.shuffle(recalled)
+        tail_ids = encode(tokenizer, "\n\nThe same records again:\n", add_special_tokens=False)
+        value_offsets = []
+        for k, v in recalled:
+            tail_ids += encode(tokenizer, f"{k}:", add_special_tokens=False)
+            vids = encode(tokenizer, f" {v}", add_special_tokens=False)
+            value_offsets += range(len(tail_ids), len(tail_ids) + len(vids))
+            tail_ids += vids + encode(tokenizer, "\n", add_special_tokens=False)
+        head_ids = encode(tokenizer, head, add_special_tokens=True)
+        budget = length - len(head_ids) - len(tail_ids)
+        if budget < 0:
+            raise ValueError(f"length={length} tokens is too short for {pairs} recall pairs "
+                             f"({len(head_ids) + len(tail_ids)} tokens without filler)")
+        filler = encode(tokenizer, " ".join(filler_stream("essay", rng, budget // 4 + 8)),
+                        add_special_tokens=False)[:budget]
+        tokens = head_ids + filler + tail_ids
+        start = len(head_ids) + len(filler)
+        out.append(RecallSample(tokens=tokens, tail=len(tail_ids),
+                                value_positions=[start + o for o in value_offsets], records=recalled))
+    return out
+
+
+def prose_tokens(tokenizer, *, length: int, n: int, seed: int = 0) -> list[list[int]]:
+    """`n` token sequences of exactly `length` tokens of built-in prose."""
+    out = []
+    for i in range(n):
+        rng = random.Random(f"prose|{length}|{seed}|{i}")
+        ids = encode(tokenizer, prose(rng, length // 4 + 8), add_special_tokens=True)
+        if len(ids) < length:
+            raise ValueError(f"prose of length={length} ran short ({len(ids)} tokens)")
+        out.append(ids[:length])
+    return out
+
+
+def _prefills(methods: dict, length: int) -> dict[str, PrefillConfig]:
+    methods_lib.check_methods(methods)
+    return {name: methods_lib.resolve(name, spec, length)[0] for name, spec in methods.items()}
+
+
+def _batches(items: Sequence, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _check_length(engine, length: int):
+    cap = getattr(engine, "max_seq_len", None)
+    if cap is not None and length > cap:
+        raise ValueError(f"length={length} exceeds the engine's max_seq_len={cap}")
+
+
+def _mean_ci(values) -> dict:
+    m, lo, hi = t_interval(values)
+    return {"mean": m, "ci_low": lo, "ci_high": hi}
+
+
+def kl_fidelity(engine, methods: dict, *, length: int, samples: int = 8, seed: int = 0, pairs: int = 8,
+                batch_size: int = 8, texts: Optional[list[RecallSample]] = None) -> dict:
+    """KL(dense || method) of next-token distributions over the recall tail, per method (see module doc)."""
+    _check_length(engine, length)
+    texts = texts or recall_samples(engine.tokenizer, length=length, n=samples, seed=seed, pairs=pairs)
+    prefills = _prefills(methods, length)
+    dense = PrefillConfig(method="dense")
+    per = {name: {"kl": [], "kl_values": [], "top1_agree": [], "value_top1": []} for name in prefills}
+    dense_value_top1 = []
+    for batch in _batches(texts, batch_size):
+        last = max(s.tail for s in batch) + 1
+        toks = [s.tokens for s in batch]
+        ref = engine.score(toks, prefill=dense, last=last)
+        for i, s in enumerate(batch):
+            dense_value_top1.append(_value_top1(ref[i].last_logprobs, s, last))
+        for name, pre in prefills.items():
+            res = ref if pre.method == "dense" else engine.score(toks, prefill=pre, last=last)
+            for i, s in enumerate(batch):
+                k = s.tail + 1  # positions predicting every tail token, and the one after the text
+                lp, lq = ref[i].last_logprobs[-k:], res[i].last_logprobs[-k:]
+                kl = kl_divergence(lp, lq)
+                start = len(s.tokens) - k
+                values = set(s.value_positions)
+                vmask = np.array([start + j + 1 in values for j in range(k)])
+                per[name]["kl"].append(float(kl.mean()))
+                per[name]["kl_values"].append(float(kl[vmask].mean()))
+                per[name]["top1_agree"].append(float((lp.argmax(-1) == lq.argmax(-1)).mean()))
+                per[name]["value_top1"].append(_value_top1(res[i].last_logprobs, s, last))
+    out = {"length": length, "samples": len(texts), "pairs": pairs, "dense_value_top1": float(np.mean(dense_value_top1)),
+           "methods": {}}
+    for name, d in per.items():
+        out["methods"][name] = {
+            "prefill": dataclasses.asdict(prefills[name]),
+            "kl": _mean_ci(d["kl"]), "kl_values": _mean_ci(d["kl_values"]),
+            "top1_agree": float(np.mean(d["top1_agree"])), "value_top1": float(np.mean(d["value_top1"])),
+            "per_sample_kl": d["kl"]}
+    return out
+
+
+def _value_top1(last_logprobs: np.ndarray, s: RecallSample, last: int) -> float:
+    """Fraction of value tokens that are the argmax of the prediction before them (teacher forcing)."""
+    start = len(s.tokens) - last
+    hits = [int(last_logprobs[v - 1 - start].argmax()) == s.tokens[v] for v in s.value_positions]
+    return float(np.mean(hits))
+
+
+def perplexity(engine, methods: dict, *, length: int, samples: int = 4, seed: int = 0,
+               start_fraction: float = 0.5, batch_size: int = 8,
+               texts: Optional[list[list[int]]] = None) -> dict:
+    """Perplexity over positions `t >= start_fraction * length` of prose, per method, with the paired
+    mean NLL difference to dense (t intervals over samples). `texts`: your own token sequences."""
+    if not 0 <= start_fraction < 1:
+        raise ValueError(f"start_fraction={start_fraction} must lie in [0, 1)")
+    _check_length(engine, length)
+    texts = texts or prose_tokens(engine.tokenizer, length=length, n=samples, seed=seed)
+    prefills = _prefills(methods, length)
+    prefills.setdefault("dense", PrefillConfig(method="dense"))
+    nll = {name: [] for name in prefills}
+    for batch in _batches(texts, batch_size):
+        for name, pre in prefills.items():
+            res = engine.score(batch, prefill=pre)
+            for i, toks in enumerate(batch):
+                first = max(1, int(start_fraction * len(toks)))
+                nll[name].append(float(-np.mean(np.asarray(res[i].logprobs, np.float64)[first - 1:])))
+    out = {"length": length, "samples": len(texts), "start_fraction": start_fraction, "methods": {}}
+    for name, v in nll.items():
+        m, lo, hi = t_interval(v)
+        diff = np.asarray(v) - np.asarray(nll["dense"])
+        out["methods"][name] = {
+            "prefill": dataclasses.asdict(prefills[name]),
+            "nll": {"mean": m, "ci_low": lo, "ci_high": hi},
+            "perplexity": {"mean": math.exp(m), "ci_low": math.exp(lo), "ci_high": math.exp(hi)},
+            "nll_minus_dense": _mean_ci(diff), "per_sample_nll": v}
+    return out
+
+
+def run_fidelity(engine, *, methods: dict, lengths: Sequence[int], samples: int = 8, seed: int = 0,
+                 pairs: int = 8, ppl_samples: Optional[int] = None, start_fraction: float = 0.5,
+                 batch_size: int = 8, out_dir: Optional[str] = None, progress: bool = True) -> dict:
+    """KL fidelity and perplexity for every length; writes `out_dir/fidelity.json` and returns the dict."""
+    from delta_jax.eval.report import progress_bar, write_json
+    results = {"kl": [], "perplexity": []}
+    bar = progress_bar(total=2 * len(lengths), desc="fidelity", enabled=progress)
+    for length in lengths:
+        results["kl"].append(kl_fidelity(engine, methods, length=length, samples=samples, seed=seed,
+                                          pairs=pairs, batch_size=batch_size))
+        bar.update(1)
+        results["perplexity"].append(perplexity(engine, methods, length=length,
+                                                samples=ppl_samples or samples, seed=seed,
+                                                start_fraction=start_fraction, batch_size=batch_size))
+        bar.update(1)
+    bar.close()
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        write_json(results, os.path.join(out_dir, "fidelity.json"))
+    return results
