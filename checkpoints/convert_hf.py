@@ -14,6 +14,8 @@ import sys
 import tempfile
 from typing import Optional, Union
 
+import numpy as np
+
 from . import layout
 from .io import (CONFIG_FILE, FORMAT_VERSION, MANIFEST_FILE, CheckpointError, canonical_dtype,
                  save_params)
@@ -49,7 +51,7 @@ def _convert_safetensors(src: str, tmp: str, dtype: Optional[str], progress: boo
     expected = layout.expected_shapes(cfg)
     names = layout.check_names(order, expected, repr(src))
     tree = layout.build_tree(names, expected, lambda n: owner[n].read(n), dtype, os.path.basename(src), progress)
-    source_dtype = str(tree["embed"]["embedding"].dtype)
+    source_dtype = np.dtype(tree["embed"]["embedding"].dtype).name
     cfg["torch_dtype"] = dtype or source_dtype
     cfg.pop("dtype", None)
     _log(progress, f"saving {len(names)} tensors to {tmp}")

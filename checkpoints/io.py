@@ -71,6 +71,28 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
+def _saver():
+    """A PyTree checkpointer without compression: zstd would hold a second copy of every array while saving."""
+    import orbax.checkpoint as ocp
+    try:
+        handler = ocp.PyTreeCheckpointHandler(use_compression=False)
+    except TypeError:  # orbax versions without the option
+        handler = ocp.PyTreeCheckpointHandler()
+    return ocp.Checkpointer(handler)
+
+
+def host_array(array: np.ndarray):
+    """A jax.Array on the host CPU device holding `array` (numpy when no CPU backend is enabled).
+
+    Orbax writes CPU jax.Arrays without an extra host copy, unlike numpy leaves.
+    """
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:
+        return array
+    return jax.device_put(array, cpu)
+
+
 def save_params(tree: Mapping[str, Any], folder: Union[str, os.PathLike], *,
                 config: Optional[dict] = None, force: bool = False) -> str:
     """Saves a nested dict of arrays (numpy or jax) to `folder/params`; writes `config.json` if given.
@@ -82,10 +104,10 @@ def save_params(tree: Mapping[str, Any], folder: Union[str, os.PathLike], *,
     path = os.path.join(folder, PARAMS_DIR)
     if os.path.exists(path) and not force:
         raise CheckpointError(f"{path!r} already exists; pass force=True to overwrite")
-    ckptr = _checkpointer()
+    import orbax.checkpoint as ocp
+    ckptr = _saver()
     try:
-        ckptr.save(path, dict(tree), force=force)
-        ckptr.wait_until_finished()
+        ckptr.save(path, args=ocp.args.PyTreeSave(dict(tree)), force=force)
     finally:
         ckptr.close()
     if config is not None:

@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from .io import CheckpointError, numpy_dtype
+from .io import CheckpointError, host_array, numpy_dtype
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -165,7 +165,7 @@ def build_tree(names: list[str], expected: dict, read: Callable[[str], np.ndarra
             if tuple(array.shape) != tuple(expected[name]):
                 raise CheckpointError(
                     f"tensor {name} in {source} has shape {tuple(array.shape)}, expected {tuple(expected[name])}")
-            insert(tree, tree_path(name), to_param(name, array, dtype))
+            insert(tree, tree_path(name), host_array(to_param(name, array, dtype)))
             del array
             if bar is not None:
                 bar.update(1)

@@ -216,3 +216,48 @@ def test_no_safetensors_and_bad_dtype_and_nonempty_dst(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"0")
     with pytest.raises(CheckpointError, match="not a .gguf"):
         checkpoints.convert(tmp_path / "weights.bin", tmp_path / "out3", progress=False)
+
+
+_PEAK = """
+import json, resource, sys
+import checkpoints
+checkpoints.convert(sys.argv[1] + "/warm", sys.argv[1] + "/warm_out", progress=False)
+before = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+checkpoints.convert(sys.argv[1] + "/big", sys.argv[1] + "/big_out", progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"before": before, "peak": peak}))
+"""
+
+
+def test_peak_memory_about_one_copy(tmp_path):
+    """Streaming: converting N bytes of bf16 weights raises peak RSS by about N (not 2-3 N)."""
+    import json as _json
+
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(0)
+    h, inter, layers, vocab = 512, 2048, 8, 8192
+    cfg = dict(model_type="llama", vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+               num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)
+    nbytes = 0
+    for name, n_layers in (("big", layers), ("warm", 1)):
+        os.makedirs(tmp_path / name)
+        json.dump(dict(cfg, num_hidden_layers=n_layers), open(tmp_path / name / "config.json", "w"))
+        t = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+        for i in range(n_layers):
+            for k, s in (("input_layernorm", (h,)), ("post_attention_layernorm", (h,)),
+                         ("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (h, h)), ("self_attn.v_proj", (h, h)),
+                         ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)),
+                         ("mlp.down_proj", (h, inter))):
+                t[f"model.layers.{i}.{k}.weight"] = s
+        arrays = {k: rng.standard_normal(s, dtype=np.float32).astype(ml_dtypes.bfloat16) for k, s in t.items()}
+        if name == "big":
+            nbytes = sum(a.nbytes for a in arrays.values())
+        save_file(arrays, str(tmp_path / name / "model.safetensors"))
+        del arrays
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(checkpoints.__file__))
+    r = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path)], env=env, cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = _json.loads(r.stdout.strip().splitlines()[-1])
+    assert nbytes > 70e6
+    assert m["peak"] - m["before"] < 1.4 * nbytes, (m, nbytes)
