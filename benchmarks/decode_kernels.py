@@ -191,12 +191,9 @@ def bench_shape(ctx, B, hq, hkv, D, dtype, backend, interpret, reps, n_calls, sw
     if backend != "xla":
         attempt("delta_dense_scores_xla", lambda: ours_dense(name="delta_dense_scores_xla", be="xla"))
     if sweep and backend == "gpu":
-        for bk in (64, 256):
-            for nw in (4, 8):
-                bs = dd.BlockSizes(block_k=bk, num_warps=nw)
-                attempt(f"dense bk{bk} w{nw}", lambda bs=bs: ours_dense(bs, f"delta_dense_scores bk{bk} w{nw}"))
-        bs = dd.BlockSizes(block_k=128, num_warps=8)
-        attempt("dense bk128 w8", lambda: ours_dense(bs, "delta_dense_scores bk128 w8"))
+        for bk, nw in ((64, 4), (256, 4), (128, 8)):
+            bs = dd.BlockSizes(block_k=bk, num_warps=nw)
+            attempt(f"dense bk{bk} w{nw}", lambda bs=bs, bk=bk, nw=nw: ours_dense(bs, f"delta_dense_scores bk{bk} w{nw}"))
 
     # Selection and sparse decode: a different random page selection per call.
     P = S // PAGE_SIZE
@@ -220,7 +217,7 @@ def bench_shape(ctx, B, hq, hkv, D, dtype, backend, interpret, reps, n_calls, sw
         attempt("delta_sparse_xla", lambda: ours_sparse(name="delta_sparse_xla", be="xla"))
     if sweep and backend == "gpu":
         for ppb in (4, 8, 16):
-            for nw in (2, 4, 8):
+            for nw in (4, 8):
                 bs = dd.BlockSizes(pages_per_block=ppb, num_warps=nw)
                 attempt(f"sparse ppb{ppb} w{nw}",
                         lambda bs=bs, ppb=ppb, nw=nw: ours_sparse(bs, f"delta_sparse ppb{ppb} w{nw}"))
