@@ -67,7 +67,7 @@ def attend(qf, pos, k, v, schedule, *, block_rows, block_k, window, sinks):
 
     per_head = jax.vmap(one, in_axes=(0, None, 0, 0) + (0,) * len(sched))
     per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, 0) + (0,) * len(sched))
-    out, lse = lax.map(lambda a: per_batch(a[0], a[1], k, v, *a[2:]), (q_tiles, p_tiles) + sched)
+    out, lse = jax.vmap(per_batch, in_axes=(0, 0, None, None) + (0,) * len(sched))(q_tiles, p_tiles, k, v, *sched)
     out = out.transpose(1, 2, 0, 3, 4).reshape(B, hkv, N, D)
     lse = lse.transpose(1, 2, 0, 3).reshape(B, hkv, N)
     return out, lse
