@@ -33,7 +33,7 @@ class WordTokenizer:
         return {"input_ids": [self._id(p) for p in _PIECE.findall(text)]}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(self.pieces[i] for i in ids)
+        return "".join(self.pieces[i] if i < len(self.pieces) else f" <{i}>" for i in ids)
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
         body = "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages)

@@ -94,3 +94,27 @@ def test_bad_arguments(fake_engine):
     with pytest.raises(ValueError, match="layer 1 would be sparse"):
         run_eval(fake_engine, tasks=["niah_single"], lengths=[300], methods={"d": bad_sched}, samples=1,
                  progress=False)
+
+
+def test_cli_entry_points(fake_engine, tmp_path, capsys):
+    import argparse
+
+    from delta_jax.eval import cli
+    p = argparse.ArgumentParser()
+    cli.add_eval_args(p)
+    a = p.parse_args(["--tasks", "niah_single", "--lengths", "300", "--samples", "2", "--out", str(tmp_path),
+                      "--method", "dense=dense", "--method", "w=window:window=64,sinks=4", "--fidelity",
+                      "--no-progress"])
+    out = cli.run_eval_cli(a, fake_engine)
+    printed = capsys.readouterr().out
+    assert "| dense | niah_single | 100.0 ± " in printed and "KL" in printed
+    assert set(out["tasks"]["methods"]) == {"dense", "w"}
+    assert os.path.isfile(tmp_path / "fidelity.json") and os.path.isfile(tmp_path / "results.json")
+    s = argparse.ArgumentParser()
+    cli.add_shift_args(s)
+    a = s.parse_args(["--lengths", "200", "--sweep", "--windows", "32,64", "--gammas", "16", "--out",
+                      str(tmp_path / "shift"), "--no-progress"])
+    res = cli.run_shift_cli(a, fake_engine)
+    assert set(res["results"][0]["methods"]) == {"window w32 s16 g16", "window w64 s16 g16",
+                                                 "delta w32 s16 g16", "delta w64 s16 g16"}
+    assert os.path.isfile(tmp_path / "shift" / "shift_200.png")
