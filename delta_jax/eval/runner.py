@@ -37,7 +37,7 @@ from delta_jax.config import DecodeConfig
 from delta_jax.eval import methods as methods_lib
 from delta_jax.eval.report import markdown_table, plot_accuracy, progress_bar, write_json
 from delta_jax.eval.stats import accuracy_interval
-from delta_jax.eval.tasks import TASKS, hits_of, make_samples
+from delta_jax.eval.tasks import TASKS, hits_of, make_samples, score_text
 
 
 def run_eval(engine, *, tasks: Sequence[str], lengths: Sequence[int], methods: dict, samples: int,
@@ -96,13 +96,14 @@ def run_eval(engine, *, tasks: Sequence[str], lengths: Sequence[int], methods: d
                     outs = engine.generate([s.tokens for s in batch], max_new_tokens=new_tokens, chat=False,
                                            temperature=0.0, seed=seed, prefill=pre, decode=dec)
                     for s, o in zip(batch, outs):
-                        h = hits_of(o.text, s.answers)
-                        recs.append({**s.record(), "output": o.text, "hits": h,
-                                     "score": h / len(s.answers)})
+                        score = score_text(o.text, s.answers, s.metric)
+                        h, total = (hits_of(o.text, s.answers), len(s.answers)) if s.metric == "all" else \
+                            (int(score), 1)
+                        recs.append({**s.record(), "output": o.text, "hits": h, "trials": total, "score": score})
                         prefill_s.append(float(getattr(o, "prefill_seconds", float("nan"))))
                     bar.update(len(batch))
                 row = {"method": name, "task": task, "length": n,
-                       **accuracy_interval([r["hits"] for r in recs], [len(r["answers"]) for r in recs],
+                       **accuracy_interval([r["hits"] for r in recs], [r["trials"] for r in recs],
                                            seed=seed),
                        "mean_prompt_tokens": float(np.mean([r["prompt_tokens"] for r in recs])),
                        "mean_prefill_seconds": float(np.nanmean(prefill_s)) if prefill_s else None,
@@ -158,3 +159,23 @@ def run_sweep(engine, *, tasks: Sequence[str], lengths: Sequence[int], windows: 
     grid = methods_lib.sweep_methods(windows=windows, sinks=sinks, gammas=gammas, kinds=kinds, tail=tail,
                                      recompute=recompute, dense=dense, authors=authors, decode=decode)
     return run_eval(engine, tasks=tasks, lengths=lengths, methods=grid, **run_eval_kwargs)
+
+
+def depth_breakdown(results: dict, bins: int = 4) -> list[dict]:
+    """Accuracy per needle-depth bin for every (method, task, length) row of `run_eval`'s results: a sample
+    goes to the bin of its deepest asked needle (the one furthest from the question), `depth` in [0, 1]."""
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    out = []
+    for row in results["results"]:
+        groups: dict[int, list] = {}
+        for s in row["samples"]:
+            if s.get("depths"):
+                b = min(bins - 1, int(min(s["depths"]) * bins))
+                groups.setdefault(b, []).append(s)
+        for b in sorted(groups):
+            g = groups[b]
+            out.append({"method": row["method"], "task": row["task"], "length": row["length"],
+                        "depth_low": b / bins, "depth_high": (b + 1) / bins, "n": len(g),
+                        "accuracy": float(np.mean([s["score"] for s in g]))})
+    return out

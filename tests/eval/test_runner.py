@@ -118,3 +118,15 @@ def test_cli_entry_points(fake_engine, tmp_path, capsys):
     assert set(res["results"][0]["methods"]) == {"window w32 s16 g16", "window w64 s16 g16",
                                                  "delta w32 s16 g16", "delta w64 s16 g16"}
     assert os.path.isfile(tmp_path / "shift" / "shift_200.png")
+
+
+def test_depth_breakdown(fake_engine):
+    from delta_jax.eval.runner import depth_breakdown
+    window = PrefillConfig(method="window", window=350, sinks=4)  # the last 35% of 1000 tokens
+    res = run_eval(fake_engine, tasks=["niah_single"], lengths=[1000], methods={"w": window}, samples=8,
+                   progress=False)
+    rows = depth_breakdown(res, bins=4)
+    assert [r["n"] for r in rows] == [2, 2, 2, 2]  # stratified depths: two samples per quarter
+    assert rows[0]["accuracy"] == 0.0 and rows[-1]["accuracy"] == 1.0  # only late needles are in the window
+    with pytest.raises(ValueError, match="bins must be >= 1, got 0"):
+        depth_breakdown(res, bins=0)
