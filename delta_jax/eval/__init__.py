@@ -10,13 +10,13 @@ distribution-shift diagnostic, sweeps with 95% intervals, JSON, markdown and plo
 
 from delta_jax.eval.fidelity import kl_divergence, kl_fidelity, perplexity, recall_samples, run_fidelity
 from delta_jax.eval.methods import authors_proportions, parse_method, sweep_methods
-from delta_jax.eval.runner import run_eval, run_sweep
+from delta_jax.eval.runner import depth_breakdown, run_eval, run_sweep
 from delta_jax.eval.shift import cosine_rows, run_shift, shift_diagnostic, spearman_rows
 from delta_jax.eval.stats import accuracy_interval, bootstrap_interval, t_interval, wilson_interval
 from delta_jax.eval.tasks import TASKS, Sample, make_samples, score_text
 
 __all__ = [
-    "TASKS", "Sample", "accuracy_interval", "authors_proportions", "bootstrap_interval", "cosine_rows",
+    "TASKS", "Sample", "accuracy_interval", "depth_breakdown", "authors_proportions", "bootstrap_interval", "cosine_rows",
     "kl_divergence", "kl_fidelity", "make_samples", "parse_method", "perplexity", "recall_samples",
     "run_eval", "run_fidelity", "run_shift", "run_sweep", "score_text", "shift_diagnostic",
     "spearman_rows", "sweep_methods", "t_interval", "wilson_interval",

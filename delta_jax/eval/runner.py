@@ -14,13 +14,15 @@ Functions (keyword arguments only after the engine; a CLI calls them directly):
 - `run_sweep(engine, *, tasks, lengths, windows, sinks, gammas, kinds=("window", "delta"), authors=True,
   recompute=True, tail=None, decode=None, dense=True, **run_eval_kwargs)`: `run_eval` over the grid of
   `methods.sweep_methods` (authors=True adds window + sinks covering 3/4 of each prompt).
+- `depth_breakdown(results, bins=4)`: accuracy per needle-depth bin (a needle near the end sits in the
+  exact tail or the window, so single-needle accuracy alone says little about a sparse method).
 - `delta_jax.eval.fidelity.run_fidelity(engine, *, methods, lengths, samples, out_dir)`: KL to dense over a
   recall tail and perplexity (`fidelity.json`).
 - `delta_jax.eval.shift.run_shift(engine, *, methods, lengths, samples, out_dir)`: per-layer cosine of
   attention outputs to dense (`shift.json`, `shift_<length>.png`).
 
 The result dict: `{"meta": {...}, "methods": {name: {length: {"prefill", "decode"}}}, "results": [row, ...],
-"table": markdown}`, each row `{"method", "task", "length", "accuracy", "ci_low", "ci_high", "ci_method",
+"table": markdown, "by_depth": depth_breakdown(...)}`, each row `{"method", "task", "length", "accuracy", "ci_low", "ci_high", "ci_method",
 "hits", "total", "n", "mean_prompt_tokens", "mean_prefill_seconds", "samples": [per-sample records]}`.
 """
 
@@ -120,6 +122,7 @@ def run_eval(engine, *, tasks: Sequence[str], lengths: Sequence[int], methods: d
         "results": rows,
         "table": markdown_table(rows),
     }
+    results["by_depth"] = depth_breakdown(results)
     if out_dir:
         write_outputs(results, out_dir)
     return results
