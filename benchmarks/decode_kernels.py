@@ -57,6 +57,38 @@ def per_call_time(fn, arg_sets, reps):
     return common.time_fn(many, arg_sets, reps=reps, warmup=1) / len(arg_sets)
 
 
+def device_kernel_times(fn, arg_sets):
+    """Device time per call from a profiler trace of the back-to-back program: the summed
+    duration of the GPU kernels (per kernel name) and the span from first start to last end."""
+    import glob
+    import tempfile
+    from jax.profiler import ProfileData
+    many = jax.jit(lambda sets: [fn(*a) for a in sets])
+    jax.block_until_ready(many(arg_sets))
+    d = tempfile.mkdtemp()
+    with jax.profiler.trace(d):
+        jax.block_until_ready(many(arg_sets))
+    pd = ProfileData.from_file(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0])
+    n = len(arg_sets)
+    per_name, lines, t0, t1 = {}, {}, None, None
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            evs = list(line.events)
+            lines[line.name] = len(evs)
+            if not line.name.startswith("Stream"):
+                continue
+            for e in evs:
+                per_name[e.name] = per_name.get(e.name, 0) + e.duration_ns
+                t0 = e.start_ns if t0 is None else min(t0, e.start_ns)
+                t1 = e.end_ns if t1 is None else max(t1, e.end_ns)
+    kernels = {k[:90]: v / n / 1e3 for k, v in sorted(per_name.items(), key=lambda kv: -kv[1])[:12]}
+    return dict(kernel_us=sum(per_name.values()) / n / 1e3,
+                span_us=(t1 - t0) / n / 1e3 if t0 is not None else None,
+                kernels_us=kernels, lines=lines)
+
+
 # ---------------------------------------------------------------- correctness on the device
 
 def _np_probs(q, k, keep):
@@ -81,8 +113,26 @@ def _rel(x, ref):
     return float("nan") if not np.all(np.isfinite(x)) else float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
+CHECK_VARIANTS = {"default": None,
+                  "xla_combine": dd.BlockSizes(combine_in_kernel=False),
+                  "ppb16_w8_splits1": dd.BlockSizes(block_k=64, pages_per_block=16, num_splits=1, num_warps=8)}
+
+
 def check(backend, interpret, smoke):
     """Every kernel against float64 NumPy; returns a list of result dicts."""
+    rows = []
+    for variant, bs in CHECK_VARIANTS.items():
+        if smoke and variant != "default":
+            continue
+        try:
+            rows += _check(backend, interpret, smoke, variant, bs)
+        except Exception as e:  # record it and check the other variants
+            traceback.print_exc()
+            rows.append(dict(variant=variant, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}"))
+    return rows
+
+
+def _check(backend, interpret, smoke, variant, bs):
     rows = []
     S = 256 if smoke else 4096
     cases = [(2, 1, 64, jnp.float32)] if smoke else [
@@ -100,7 +150,8 @@ def check(backend, interpret, smoke):
         p = _np_probs(qd, kd, keep)
         ref_scores = p.max(axis=1).reshape(B, -1, PAGE_SIZE).sum(-1)
         out, scores = dd.decode_attention_with_page_scores(q, k, v, lengths, page_size=PAGE_SIZE,
-                                                           backend=backend, interpret=interpret)
+                                                           backend=backend, block_sizes=bs,
+                                                           interpret=interpret)
         idx, valid = dd.select_pages(scores, lengths, page_size=PAGE_SIZE, budget=budget, recent=recent)
         ridx, rvalid = dd_ref.select_pages_reference(scores, lengths, page_size=PAGE_SIZE,
                                                            budget=budget, recent=recent)
@@ -109,7 +160,7 @@ def check(backend, interpret, smoke):
         rtidx, rtvalid = dd_ref.select_pages_reference(tied, lengths, page_size=PAGE_SIZE,
                                                              budget=budget, recent=recent)
         sp = dd.sparse_decode_attention(q, k, v, idx, valid, lengths, page_size=PAGE_SIZE,
-                                        backend=backend, interpret=interpret)
+                                        backend=backend, block_sizes=bs, interpret=interpret)
         skeep = np.zeros_like(keep)
         for b in range(B):
             for pg, ok in zip(np.asarray(idx[b]), np.asarray(valid[b])):
@@ -117,7 +168,7 @@ def check(backend, interpret, smoke):
                     skeep[b, pg * PAGE_SIZE:(pg + 1) * PAGE_SIZE] = True
         skeep &= keep
         ref_scores_err = float(np.max(np.abs(_f64(scores) - ref_scores)) / np.max(ref_scores))
-        row = dict(q_heads=hq, kv_heads=hkv, head_dim=D, dtype=jnp.dtype(dtype).name, max_seq=S,
+        row = dict(variant=variant, q_heads=hq, kv_heads=hkv, head_dim=D, dtype=jnp.dtype(dtype).name, max_seq=S,
                    dense_rel_err=_rel(out, _np_attend(qd, kd, vd, keep)),
                    page_scores_max_err=ref_scores_err,
                    select_equal=bool(np.array_equal(np.asarray(idx), np.asarray(ridx))
@@ -191,9 +242,9 @@ def bench_shape(ctx, B, hq, hkv, D, dtype, backend, interpret, reps, n_calls, sw
     if backend != "xla":
         attempt("delta_dense_scores_xla", lambda: ours_dense(name="delta_dense_scores_xla", be="xla"))
     if sweep and backend == "gpu":
-        for bk, nw in ((64, 4), (256, 4), (128, 8)):
-            bs = dd.BlockSizes(block_k=bk, num_warps=nw)
-            attempt(f"dense bk{bk} w{nw}", lambda bs=bs, bk=bk, nw=nw: ours_dense(bs, f"delta_dense_scores bk{bk} w{nw}"))
+        for label, bs in (("bk64", dd.BlockSizes(block_k=64)),
+                          ("xla_combine", dd.BlockSizes(combine_in_kernel=False))):
+            attempt(f"dense {label}", lambda bs=bs, label=label: ours_dense(bs, f"delta_dense_scores {label}"))
 
     # Selection and sparse decode: a different random page selection per call.
     P = S // PAGE_SIZE
@@ -216,11 +267,14 @@ def bench_shape(ctx, B, hq, hkv, D, dtype, backend, interpret, reps, n_calls, sw
     if backend != "xla":
         attempt("delta_sparse_xla", lambda: ours_sparse(name="delta_sparse_xla", be="xla"))
     if sweep and backend == "gpu":
-        for ppb in (4, 8, 16):
-            for nw in (4, 8):
-                bs = dd.BlockSizes(pages_per_block=ppb, num_warps=nw)
-                attempt(f"sparse ppb{ppb} w{nw}",
-                        lambda bs=bs, ppb=ppb, nw=nw: ours_sparse(bs, f"delta_sparse ppb{ppb} w{nw}"))
+        for label, bs in (("xla_combine", dd.BlockSizes(combine_in_kernel=False)),
+                          ("ppb16", dd.BlockSizes(pages_per_block=16)),
+                          ("ppb8 w8", dd.BlockSizes(pages_per_block=8, num_warps=8)),
+                          ("ppb16 w8", dd.BlockSizes(pages_per_block=16, num_warps=8)),
+                          ("ppb4", dd.BlockSizes(pages_per_block=4)),
+                          ("ppb16 splits1", dd.BlockSizes(pages_per_block=16, num_splits=1)),
+                          ("ppb8 splits2", dd.BlockSizes(pages_per_block=8, num_splits=2))):
+            attempt(f"sparse {label}", lambda bs=bs, label=label: ours_sparse(bs, f"delta_sparse {label}"))
         # A larger selection (1024 pages = 16K tokens): the kernel's streaming rate.
         big = min(1024, P)
         bsets = []
@@ -230,12 +284,27 @@ def bench_shape(ctx, B, hq, hkv, D, dtype, backend, interpret, reps, n_calls, sw
         nb = int(2 * hkv * np.asarray(jnp.sum(bsets[0][4])) * PAGE_SIZE * D * itemsize)
         attempt("delta_sparse budget1024",
                 lambda: ours_sparse(name=f"delta_sparse budget{big}", arg_sets=bsets, nbytes=nb))
+    if sweep and backend == "gpu":
+        def prof(name, fn, arg_sets):
+            r = device_kernel_times(fn, arg_sets)
+            rows.append(dict(base, method="profile " + name, **r))
+            print("profile", name, ctx, B, {k: r[k] for k in ("kernel_us", "span_us")}, r["kernels_us"],
+                  flush=True)
+        sp = lambda q, kk, vv, i, vl, ln: dd.sparse_decode_attention(q, kk, vv, i, vl, ln, page_size=PAGE_SIZE)
+        de = lambda q, kk, vv, ln: dd.decode_attention_with_page_scores(q, kk, vv, ln, page_size=PAGE_SIZE)
+        attempt("profile sparse", lambda: prof("delta_sparse", sp, ssets))
+        attempt("profile select", lambda: prof("select_pages", sel, score_sets))
+        attempt("profile dense", lambda: prof("delta_dense_scores", de, sets))
     return rows
 
 
 def table(rows, bw):
     lines = [f"{'context':>8} {'batch':>5} {'method':<34} {'ms':>9} {'KV MB':>9} {'GB/s':>8} {'%copy':>6}"]
     for r in rows:
+        if r["method"].startswith("profile"):
+            lines.append(f"{r['context']:>8} {r['batch']:>5} {r['method']:<34} device kernels "
+                         f"{r.get('kernel_us', 0):.1f} us/call, span {r.get('span_us') or 0:.1f} us/call")
+            continue
         if "ms" not in r:
             lines.append(f"{r['context']:>8} {r['batch']:>5} {r['method']:<34} {'ERROR':>9}")
             continue

@@ -47,12 +47,14 @@ def _is_pow2(x):
 class BlockSizes:
     """Tile sizes.
 
-    block_k: dense kernel, tokens per step (reduced to the largest power of two dividing max_seq).
+    block_k: dense kernel, tokens per step (reduced to the largest power of two dividing max_seq;
+      on gpu also until num_stages k and v tiles fit in 224 KiB of shared memory).
     pages_per_block: gpu sparse kernel, pages gathered per step (one [pages_per_block *
-      page_size, head_dim] tile).
+      page_size, head_dim] tile; capped like block_k).
     num_splits: gpu, sequence (dense) or selection (sparse) splits per (batch, kv head) combined
       flash-decoding style; None chooses about 256 programs per launch.
     num_warps, num_stages: Triton settings (gpu only).
+    combine_in_kernel: gpu, merge the splits with a small Pallas kernel (else XLA ops).
     """
 
     block_k: int = 128
@@ -60,6 +62,7 @@ class BlockSizes:
     num_splits: Optional[int] = None
     num_warps: int = 4
     num_stages: int = 2
+    combine_in_kernel: bool = True
 
     def __post_init__(self):
         for name in ("block_k", "pages_per_block"):
@@ -126,6 +129,16 @@ def _setup(q, k_cache, v_cache, lengths, page_size, backend, block_sizes):
     return backend, block_sizes or default_block_sizes(backend, D)
 
 
+_SMEM_BYTES = 224 * 1024  # H100: 227 KiB of shared memory per block
+
+
+def _fit_rows(rows, head_dim, itemsize, num_stages):
+    """Caps a gpu k/v tile's rows so that num_stages copies of k and v fit in shared memory."""
+    while rows > 16 and rows * head_dim * itemsize * 2 * max(num_stages, 1) > _SMEM_BYTES:
+        rows //= 2
+    return rows
+
+
 def _dense_block_k(S, block_k, backend):
     bk = min(block_k, S & -S)  # largest power of two dividing S, capped
     if backend == "gpu" and bk < 16:
@@ -151,9 +164,11 @@ def _dense(q, k_cache, v_cache, lengths, *, page_size, reduce_heads, backend, bs
     lengths = lengths.astype(jnp.int32)
     bk = _dense_block_k(S, bs.block_k, backend)
     if backend == "gpu":
+        bk = _fit_rows(bk, D, k_cache.dtype.itemsize, bs.num_stages)
         splits = _splits(S // bk, B * hkv, bs.num_splits)
         out, lse2, s2 = gpu.dense(qg, k_cache, v_cache, lengths, block_k=bk, num_splits=splits,
-                                  num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=interpret)
+                                  num_warps=bs.num_warps, num_stages=bs.num_stages,
+                                  combine_in_kernel=bs.combine_in_kernel, interpret=interpret)
         s2 = s2[:, :, :G]
     elif backend == "tpu":
         out, lse2, s2 = tpu.dense(qg, k_cache, v_cache, lengths, block_k=bk, interpret=interpret)
@@ -223,6 +238,7 @@ def _sparse(q, k_cache, v_cache, page_indices, page_valid, lengths, *, page_size
     if backend == "gpu":
         n = page_indices.shape[1]
         ppb = min(bs.pages_per_block, 1 << max(0, math.ceil(math.log2(n))))
+        ppb = max(1, _fit_rows(ppb * page_size, D, k_cache.dtype.itemsize, bs.num_stages) // page_size)
         blocks = -(-n // ppb)
         splits = min(blocks, bs.num_splits or max(1, _TARGET_PROGRAMS // (B * hkv)))
         per_split = -(-blocks // splits)
@@ -233,7 +249,8 @@ def _sparse(q, k_cache, v_cache, page_indices, page_valid, lengths, *, page_size
             page_valid = jnp.pad(page_valid, ((0, 0), (0, pad)))
         out = gpu.sparse(qg, k_cache, v_cache, page_indices, page_valid, lengths, page_size=page_size,
                          pages_per_block=ppb, num_splits=splits, num_warps=bs.num_warps,
-                         num_stages=bs.num_stages, interpret=interpret)
+                         num_stages=bs.num_stages, combine_in_kernel=bs.combine_in_kernel,
+                         interpret=interpret)
     elif backend == "tpu":
         out = tpu.sparse(qg, k_cache, v_cache, page_indices, page_valid, lengths, page_size=page_size,
                          interpret=interpret)

@@ -9,7 +9,11 @@ the tensor cores). Each program writes unnormalized partial results (o, m2, l) t
   the sequence length; it also stores the base-2 scaled logits of the real query heads (the
   page scores are computed from them once the final lse is known).
 - `sparse`: a split is a run of the page selection; each step gathers `pages_per_block` pages
-  (their indices read inside the kernel) as one [pages_per_block * page_size, head_dim] tile.
+  (their indices read inside the kernel; -1 marks an invalid entry) as one
+  [pages_per_block * page_size, head_dim] tile.
+
+The splits are merged by a second small kernel (one program per (batch, kv head)) when the
+group and the split count are powers of two, else by XLA ops.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def _dense_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, s_ref, *,
     _store_partials(o_ref, m_ref, l_ref, lax.fori_loop(0, steps, body, _init(gp, d)))
 
 
-def _sparse_kernel(len_ref, idx_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+def _sparse_kernel(len_ref, sel_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
                    pages_per_block, steps, scale2, prec):
     length = len_ref[0]
     q = q_ref[...]
@@ -88,17 +92,32 @@ def _sparse_kernel(len_ref, idx_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, m_re
     offs = lax.broadcasted_iota(jnp.int32, (pages_per_block, page_size), 1)
 
     def body(i, carry):
-        sl = pl.ds(pl.multiple_of(i * pages_per_block, pages_per_block), pages_per_block)
-        ids = idx_ref[sl]
-        ok = valid_ref[sl] != 0
+        sel = sel_ref[pl.ds(pl.multiple_of(i * pages_per_block, pages_per_block), pages_per_block)]
+        ids = jnp.maximum(sel, 0)
         pos = ids[:, None] * page_size + offs
-        keep = ((pos < length) & ok[:, None]).reshape(1, block_k)
+        keep = ((pos < length) & (sel >= 0)[:, None]).reshape(1, block_k)
         k = k_ref[ids].reshape(block_k, d)
         v = v_ref[ids].reshape(block_k, d)
         carry, _ = _update(q, k, v, keep, carry, scale2, prec)
         return carry
 
     _store_partials(o_ref, m_ref, l_ref, lax.fori_loop(0, steps, body, _init(gp, d)))
+
+
+def _combine_kernel(o_ref, m_ref, l_ref, out_ref, lse_ref):
+    """Merges the splits of one (batch, kv head): o [n, Gp, D], m2 / l [n, Gp] -> [G, D], [G]."""
+    G = out_ref.shape[0]
+    o = o_ref[:, pl.ds(0, G), :]
+    m2 = m_ref[:, pl.ds(0, G)]
+    l = l_ref[:, pl.ds(0, G)]
+    m = jnp.max(m2, axis=0)
+    w = jnp.exp2(m2 - m[None, :])
+    l_tot = jnp.sum(l * w, axis=0)
+    acc = jnp.sum(o * w[:, :, None], axis=0)
+    empty = l_tot == 0.0
+    l_safe = jnp.where(empty, 1.0, l_tot)
+    out_ref[...] = (acc / l_safe[:, None]).astype(out_ref.dtype)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log2(l_safe))
 
 
 def _pad_group(q):
@@ -119,12 +138,31 @@ def _partial_specs(gp, D):
             pl.BlockSpec((None, None, None, gp), lambda b, h, j: (b, h, j, 0))]
 
 
-def _finish(o, m2, l, G, dtype):
-    out, lse2 = combine(o[..., :G, :], m2[..., :G], l[..., :G])
-    return out.astype(dtype), lse2
+def _finish(o, m2, l, G, dtype, in_kernel, interpret):
+    """Split partials -> out [B, Hkv, G, D] in dtype, lse2 [B, Hkv, G]: one small Pallas launch
+    when the tiles are powers of two (in_kernel), else XLA."""
+    B, hkv, n, gp, D = o.shape
+    if not (in_kernel and pl.next_power_of_2(G) == G and pl.next_power_of_2(n) == n):
+        out, lse2 = combine(o[..., :G, :], m2[..., :G], l[..., :G])
+        return out.astype(dtype), lse2
+    return pl.pallas_call(
+        _combine_kernel,
+        grid=(B, hkv),
+        in_specs=[pl.BlockSpec((None, None, n, gp, D), lambda b, h: (b, h, 0, 0, 0)),
+                  pl.BlockSpec((None, None, n, gp), lambda b, h: (b, h, 0, 0)),
+                  pl.BlockSpec((None, None, n, gp), lambda b, h: (b, h, 0, 0))],
+        out_specs=[pl.BlockSpec((None, None, G, D), lambda b, h: (b, h, 0, 0)),
+                   pl.BlockSpec((None, None, G), lambda b, h: (b, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, hkv, G, D), dtype),
+                   jax.ShapeDtypeStruct((B, hkv, G), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="delta_decode_combine",
+    )(o, m2, l)
 
 
-def dense(q, k, v, lengths, *, block_k, num_splits, num_warps, num_stages, interpret=False):
+def dense(q, k, v, lengths, *, block_k, num_splits, num_warps, num_stages, combine_in_kernel=True,
+          interpret=False):
     """q [B, Hkv, G, D], k/v [B, Hkv, S, D], lengths [B]; S % (num_splits * block_k) == 0.
 
     Returns out [B, Hkv, G, D], lse2 [B, Hkv, G], logits2 [B, Hkv, Gp, S] (rows >= G and tokens
@@ -150,12 +188,12 @@ def dense(q, k, v, lengths, *, block_k, num_splits, num_warps, num_stages, inter
         interpret=interpret,
         name="delta_dense_decode",
     )(lengths.reshape(B, 1), qp, k, v)
-    out, lse2 = _finish(o, m2, l, G, q.dtype)
+    out, lse2 = _finish(o, m2, l, G, q.dtype, combine_in_kernel, interpret)
     return out, lse2, s2
 
 
 def sparse(q, k, v, page_indices, page_valid, lengths, *, page_size, pages_per_block, num_splits,
-           num_warps, num_stages, interpret=False):
+           num_warps, num_stages, combine_in_kernel=True, interpret=False):
     """q [B, Hkv, G, D], k/v [B, Hkv, S, D], page_indices / page_valid [B, n] with
     n % (num_splits * pages_per_block) == 0, lengths [B] -> out [B, Hkv, G, D]."""
     B, hkv, G, D = q.shape
@@ -166,8 +204,8 @@ def sparse(q, k, v, page_indices, page_valid, lengths, *, page_size, pages_per_b
     num_pages = S // page_size
     kp = k.reshape(B, hkv, num_pages, page_size, D)
     vp = v.reshape(B, hkv, num_pages, page_size, D)
-    idx = jnp.clip(page_indices, 0, num_pages - 1).reshape(B, num_splits, per_split)
-    valid = page_valid.astype(jnp.int32).reshape(B, num_splits, per_split)
+    sel = jnp.where(page_valid, jnp.clip(page_indices, 0, num_pages - 1), -1)
+    sel = sel.reshape(B, num_splits, per_split)
     kernel = functools.partial(_sparse_kernel, pages_per_block=pages_per_block,
                                steps=per_split // pages_per_block,
                                scale2=_scale2(D), prec=precision(q.dtype))
@@ -176,7 +214,7 @@ def sparse(q, k, v, page_indices, page_valid, lengths, *, page_size, pages_per_b
     o, m2, l = pl.pallas_call(
         kernel,
         grid=(B, hkv, num_splits),
-        in_specs=[pl.BlockSpec((None, 1), lambda b, h, j: (b, 0)), sel_spec, sel_spec,
+        in_specs=[pl.BlockSpec((None, 1), lambda b, h, j: (b, 0)), sel_spec,
                   pl.BlockSpec((None, None, gp, D), lambda b, h, j: (b, h, 0, 0)),
                   page_spec, page_spec],
         out_specs=_partial_specs(gp, D),
@@ -184,6 +222,6 @@ def sparse(q, k, v, page_indices, page_valid, lengths, *, page_size, pages_per_b
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="delta_sparse_decode",
-    )(lengths.reshape(B, 1), idx, valid, qp, kp, vp)
-    out, _ = _finish(o, m2, l, G, q.dtype)
+    )(lengths.reshape(B, 1), sel, qp, kp, vp)
+    out, _ = _finish(o, m2, l, G, q.dtype, combine_in_kernel, interpret)
     return out
