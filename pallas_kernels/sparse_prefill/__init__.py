@@ -222,7 +222,7 @@ def exact_rows_attention(q, k, v, rows, *, backend: Optional[str] = None, interp
     if not jnp.issubdtype(rows.dtype, jnp.integer):
         raise ValueError(f"rows must be integers, got dtype {rows.dtype}")
     if _is_concrete(rows) and rows.size:
-        lo, hi = int(rows.min()), int(rows.max())
+        lo, hi = int(np.min(np.asarray(rows))), int(np.max(np.asarray(rows)))
         if lo < 0 or hi >= q.shape[1]:
             raise ValueError(f"rows must lie in [0, {q.shape[1]}), got values in [{lo}, {hi}]")
     out, lse = _attend_rows(q, k, v, rows.astype(jnp.int32), window=FAR, sinks=0, backend=backend,
@@ -362,7 +362,7 @@ def delta_attention(q, k, v, *, window: int, sinks: int, gamma: int = 64, tail: 
         lengths = jnp.asarray(lengths)
         if lengths.shape != (B,):
             raise ValueError(f"lengths must have shape [batch={B}], got {lengths.shape}")
-        if _is_concrete(lengths) and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+        if _is_concrete(lengths) and (np.min(np.asarray(lengths)) < 1 or np.max(np.asarray(lengths)) > T):
             raise ValueError(f"lengths must lie in [1, T={T}], got {np.asarray(lengths).tolist()}")
     kw = dict(backend=backend, interpret=interpret, block_sizes=bs)
     if base == "window":

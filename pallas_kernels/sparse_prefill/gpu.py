@@ -1,6 +1,6 @@
 """Pallas Triton (GPU) kernel: causal flash attention over a block-sparse set of key blocks.
 
-One program per (query tile, batch, head). The key blocks come either from ranges computed in
+One program per (query tile, batch, head), the last (heaviest causal) tiles launched first. The key blocks come either from ranges computed in
 the kernel from the tile's positions (sink blocks, then the window band, split into masked edge
 blocks and an unmasked interior) or from a list read inside the kernel (block-sparse form).
 Queries come either in place (`[B, T, H, D]`, contiguous positions) or folded: gathered rows of
@@ -28,7 +28,8 @@ def _div(a, b):
     return lax.div(a, jnp.int32(b))
 
 
-def _kernel(*refs, folded, listed, block_k, num_k_blocks, window, sinks, scale, precision, with_lse):
+def _kernel(*refs, folded, listed, num_tiles, block_k, num_k_blocks, window, sinks, scale, precision,
+            with_lse):
     refs = list(refs)
     pos_ref = refs.pop(0) if folded else None
     q_ref, k_ref, v_ref = refs[:3]
@@ -44,7 +45,7 @@ def _kernel(*refs, folded, listed, block_k, num_k_blocks, window, sinks, scale, 
         t = pos_ref[...]
         tmin, tmax = jnp.min(t), jnp.max(t)
     else:
-        tmin = pl.program_id(0) * bq
+        tmin = (num_tiles - 1 - pl.program_id(0)) * bq
         t = tmin + jnp.arange(bq, dtype=jnp.int32)
         tmax = tmin + (bq - 1)
     q = q_ref[...]
@@ -115,25 +116,25 @@ def attend_direct(q, k, v, *, block_q, block_k, window, sinks, indices=None, cou
     nq = tq // block_q
     listed = indices is not None
     kernel = functools.partial(
-        _kernel, folded=False, listed=listed, block_k=block_k, num_k_blocks=tk // block_k,
+        _kernel, folded=False, listed=listed, num_tiles=nq, block_k=block_k, num_k_blocks=tk // block_k,
         window=window, sinks=sinks, scale=D ** -0.5, precision=_precision(q.dtype), with_lse=True)
     in_specs = [
-        pl.BlockSpec((None, block_q, None, D), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, block_q, None, D), lambda i, b, h: (b, nq - 1 - i, h, 0)),
         pl.BlockSpec((None, tk, None, D), lambda i, b, h: (b, 0, h // group, 0)),
         pl.BlockSpec((None, tk, None, D), lambda i, b, h: (b, 0, h // group, 0)),
     ]
     args = [q, k, v]
     if listed:
         L = indices.shape[-1]
-        in_specs += [pl.BlockSpec((None, None, None, L), lambda i, b, h: (b, h // group, i, 0)),
-                     pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h // group, i))]
+        in_specs += [pl.BlockSpec((None, None, None, L), lambda i, b, h: (b, h // group, nq - 1 - i, 0)),
+                     pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h // group, nq - 1 - i))]
         args += [indices, counts]
     out, lse = pl.pallas_call(
         kernel,
         grid=(nq, B, H),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, block_q, None, D), lambda i, b, h: (b, i, h, 0)),
-                   pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
+        out_specs=[pl.BlockSpec((None, block_q, None, D), lambda i, b, h: (b, nq - 1 - i, h, 0)),
+                   pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, nq - 1 - i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((B, H, tq), jnp.float32)],
         compiler_params=_params(num_warps, num_stages),
@@ -149,20 +150,21 @@ def attend_folded(qf, pos, k, v, *, block_rows, block_k, window, sinks, num_warp
     pos int32 [B, N], k/v [B, Tk, Hkv, D]. Returns out [B, Hkv, N, D], lse [B, Hkv, N]."""
     B, hkv, n, D = qf.shape
     tk = k.shape[1]
+    nq = n // block_rows
     kernel = functools.partial(
-        _kernel, folded=True, listed=False, block_k=block_k, num_k_blocks=tk // block_k,
+        _kernel, folded=True, listed=False, num_tiles=nq, block_k=block_k, num_k_blocks=tk // block_k,
         window=window, sinks=sinks, scale=D ** -0.5, precision=_precision(qf.dtype), with_lse=True)
     out, lse = pl.pallas_call(
         kernel,
-        grid=(n // block_rows, B, hkv),
+        grid=(nq, B, hkv),
         in_specs=[
-            pl.BlockSpec((None, block_rows), lambda i, b, h: (b, i)),
-            pl.BlockSpec((None, None, block_rows, D), lambda i, b, h: (b, h, i, 0)),
+            pl.BlockSpec((None, block_rows), lambda i, b, h: (b, nq - 1 - i)),
+            pl.BlockSpec((None, None, block_rows, D), lambda i, b, h: (b, h, nq - 1 - i, 0)),
             pl.BlockSpec((None, tk, None, D), lambda i, b, h: (b, 0, h, 0)),
             pl.BlockSpec((None, tk, None, D), lambda i, b, h: (b, 0, h, 0)),
         ],
-        out_specs=[pl.BlockSpec((None, None, block_rows, D), lambda i, b, h: (b, h, i, 0)),
-                   pl.BlockSpec((None, None, block_rows), lambda i, b, h: (b, h, i))],
+        out_specs=[pl.BlockSpec((None, None, block_rows, D), lambda i, b, h: (b, h, nq - 1 - i, 0)),
+                   pl.BlockSpec((None, None, block_rows), lambda i, b, h: (b, h, nq - 1 - i))],
         out_shape=[jax.ShapeDtypeStruct(qf.shape, qf.dtype),
                    jax.ShapeDtypeStruct((B, hkv, n), jnp.float32)],
         compiler_params=_params(num_warps, num_stages),

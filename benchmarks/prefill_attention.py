@@ -1,0 +1,373 @@
+"""Prefill attention benchmark: dense (XLA, cuDNN), cuDNN sliding window, and our block-sparse
+kernels (sliding window + sinks, exact rows, Delta Attention), Llama-3.1-8B attention shapes.
+
+    PYTHONPATH=. python benchmarks/prefill_attention.py --max-len 1048576
+    PYTHONPATH=. python benchmarks/prefill_attention.py --smoke          # tiny, CPU
+    PYTHONPATH=. python benchmarks/prefill_attention.py --tune --lens 16384,65536
+
+Writes prefill_attention[_TAG].json and .png to --out, prints a table last. TFLOP/s count only
+the score entries each method computes (4 * B * H * D per entry), against a measured bf16
+matmul ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pallas_kernels import sparse_prefill as sp  # noqa: E402
+from pallas_kernels.sparse_prefill import reference as ref  # noqa: E402
+
+
+def time_fn(fn, *args, reps=5, warmup=1):
+    """Median seconds over `reps` calls after `warmup` calls (outputs blocked on)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def matmul_ceiling(n):
+    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.bfloat16)
+    return 2 * n ** 3 / time_fn(jax.jit(lambda x, y: x @ y), a, b, reps=10, warmup=2)
+
+
+def entries_dense(T):
+    return T * (T + 1) / 2
+
+
+def entries_window(T, window, sinks):
+    t = np.arange(T, dtype=np.float64)
+    near = np.minimum(t + 1, window)
+    far = np.clip(np.minimum(sinks, t + 1 - window), 0, None)
+    return float((near + far).sum())
+
+
+def entries_rows(rows):
+    return float((np.asarray(rows, np.float64) + 1).sum())
+
+
+def make_inputs(T, B, H, Hkv, D, dtype, seed=0):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (jax.random.normal(kq, (B, T, H, D), dtype), jax.random.normal(kk, (B, T, Hkv, D), dtype),
+            jax.random.normal(kv, (B, T, Hkv, D), dtype))
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("nan")
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def spot_check(args, backend, interpret, bs):
+    """Our kernels against the dense-mask reference (float32) at a small T, each check alone."""
+    T = args.check_len
+    q, k, v = make_inputs(T, 1, args.heads, args.kv_heads, args.head_dim, jnp.bfloat16, seed=7)
+    w, s, g = min(args.window, T // 4), min(args.sinks, T // 8), args.gamma
+    kw = dict(backend=backend, interpret=interpret, block_sizes=bs)
+    rows = sp.delta_rows(T, g, g)
+    checks = {
+        "window_sinks": lambda: rel_err(sp.sparse_attention(q, k, v, window=w, sinks=s, **kw),
+                                        ref.sparse_attention_reference(q, k, v, window=w, sinks=s)),
+        "window_sinks_lse": lambda: rel_err(
+            sp.sparse_attention(q, k, v, window=w, sinks=s, return_lse=True, **kw)[1],
+            ref.sparse_attention_reference(q, k, v, window=w, sinks=s, return_lse=True)[1]),
+        "exact_rows": lambda: rel_err(sp.exact_rows_attention(q, k, v, rows, **kw),
+                                      ref.exact_rows_reference(q, k, v, rows)),
+        "exact_rows_lse": lambda: rel_err(sp.exact_rows_attention(q, k, v, rows, return_lse=True, **kw)[1],
+                                          ref.exact_rows_reference(q, k, v, rows, return_lse=True)[1]),
+        "delta": lambda: rel_err(sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g, **kw),
+                                 ref.delta_attention_reference(q, k, v, window=w, sinks=s, gamma=g)),
+    }
+    if args.topk:
+        checks["delta_topk_blocks"] = lambda: rel_err(
+            sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g, base="topk_blocks", topk=args.topk, **kw),
+            ref.delta_attention_reference(
+                q, k, v, window=w, sinks=s, gamma=g,
+                sparse_fn=lambda q_, k_, v_: _topk_reference(q_, k_, v_, w, s, args.topk, bs)))
+    if backend == "gpu":
+        checks["window_vs_cudnn_window"] = lambda: rel_err(
+            sp.sparse_attention(q, k, v, window=w, sinks=0, **kw),
+            jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
+                                         local_window_size=(w - 1, 0)))
+    res = {}
+    with jax.default_matmul_precision("highest"):
+        for name, fn in checks.items():
+            try:
+                res[name] = fn()
+            except Exception as e:  # noqa: BLE001
+                res[name] = f"error: {type(e).__name__}: {str(e)[:1500]}"
+    return res
+
+
+def _topk_reference(q, k, v, window, sinks, topk, bs):
+    from pallas_kernels.sparse_prefill.topk_blocks import block_mask_from_indices
+    idx, cnt = sp.select_blocks(q, k, block_q=bs.block_q, block_k=bs.block_k, window=window, sinks=sinks, topk=topk)
+    mask = block_mask_from_indices(idx, cnt, -(-q.shape[1] // bs.block_k))
+    return ref.block_sparse_reference(q, k, v, mask, block_q=bs.block_q, block_k=bs.block_k)
+
+
+def methods(args, backend, interpret, bs):
+    w, s, g = args.window, args.sinks, args.gamma
+    kw = dict(backend=backend, interpret=interpret, block_sizes=bs)
+    out = {
+        "xla_dense": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"),
+        "cudnn_dense": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
+        "cudnn_window": lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn", local_window_size=(w - 1, 0)),
+        "ours_window": lambda q, k, v: sp.sparse_attention(q, k, v, window=w, sinks=s, **kw),
+        "ours_rows": lambda q, k, v: sp.exact_rows_attention(q, k, v, sp.delta_rows(q.shape[1], g, g), **kw),
+        "ours_delta": lambda q, k, v: sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g, **kw),
+    }
+    if backend != "gpu":
+        del out["cudnn_dense"], out["cudnn_window"]
+    return {name: jax.jit(f) for name, f in out.items()}
+
+
+def entries_of(name, T, args):
+    w, s, g = args.window, args.sinks, args.gamma
+    rows = entries_rows(np.asarray(sp.delta_rows(T, g, g))[0])
+    return {"xla_dense": entries_dense(T), "cudnn_dense": entries_dense(T),
+            "cudnn_window": entries_window(T, w, 0), "ours_window": entries_window(T, w, s),
+            "ours_rows": rows, "ours_delta": entries_window(T, w, s) + rows}[name]
+
+
+def reps_for(name, T):
+    if "dense" in name:
+        return 1 if T >= 262144 else (2 if T >= 65536 else 5)
+    return 3 if T >= 262144 else (5 if T >= 32768 else 10)
+
+
+def run_benchmark(args, backend, interpret, bs, deadline, log):
+    B, H, Hkv, D = 1, args.heads, args.kv_heads, args.head_dim
+    fns = methods(args, backend, interpret, bs)
+    results = []
+    dense_dead = {"xla_dense": False, "cudnn_dense": False}
+    for T in args.lens:
+        q, k, v = make_inputs(T, B, H, Hkv, D, jnp.bfloat16)
+        row = {"T": T}
+        for name, fn in fns.items():
+            if name == "xla_dense" and (T > args.xla_max_len or dense_dead[name]):
+                row[name] = {"skipped": "too large for xla dense" if T > args.xla_max_len else "oom earlier"}
+                continue
+            if name in dense_dead and dense_dead[name]:
+                row[name] = {"skipped": "failed at a smaller T"}
+                continue
+            if time.time() > deadline:
+                row[name] = {"skipped": "time budget"}
+                continue
+            try:
+                t = time_fn(fn, q, k, v, reps=1 if args.smoke else reps_for(name, T),
+                            warmup=1)
+                ent = entries_of(name, T, args)
+                flops = 4 * B * H * D * ent
+                row[name] = {"seconds": t, "entries": ent, "tflops": flops / t / 1e12}
+                if name == "ours_delta":
+                    mem = fn.lower(q, k, v).compile().memory_analysis()
+                    if mem is not None:
+                        row[name]["temp_bytes"] = int(mem.temp_size_in_bytes)
+            except Exception as e:  # noqa: BLE001
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                row[name] = {"error": msg}
+                if name in dense_dead:
+                    dense_dead[name] = True
+                log(f"  {name} T={T}: {msg}")
+        for base in ("cudnn_dense", "cudnn_window"):
+            bt = row.get(base, {}).get("seconds")
+            for name in ("ours_window", "ours_rows", "ours_delta"):
+                t = row.get(name, {}).get("seconds")
+                if bt and t:
+                    row[name][f"speedup_vs_{base}"] = bt / t
+        results.append(row)
+        log(f"T={T}: " + ", ".join(f"{n}={r['seconds'] * 1e3:.2f}ms" for n, r in row.items()
+                                    if isinstance(r, dict) and "seconds" in r))
+        del q, k, v
+    return results
+
+
+def run_tune(args, backend, interpret, deadline, log):
+    """Times block-size variants of our three kernels at each T (correctness checked at T=2048)."""
+    D = args.head_dim
+    variants = []
+    for bq, bk, nw, ns in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3),
+                           (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 4), (64, 128, 4, 2)]:
+        for br in (128, 64, 256):
+            variants.append(sp.BlockSizes(block_q=bq, block_k=bk, block_rows=br, num_warps=nw, num_stages=ns))
+    seen, out = set(), []
+    w, s, g = args.window, args.sinks, args.gamma
+    for T in args.lens:
+        q, k, v = make_inputs(T, 1, args.heads, args.kv_heads, D, jnp.bfloat16)
+        rows = sp.delta_rows(T, g, g)
+        ref_w = ref_r = None
+        base = {}
+        for name, f in (("cudnn_dense", lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation="cudnn")),
+                        ("cudnn_window", lambda q, k, v: jax.nn.dot_product_attention(
+                            q, k, v, is_causal=True, implementation="cudnn", local_window_size=(w - 1, 0)))):
+            try:
+                base[name] = time_fn(jax.jit(f), q, k, v, reps=3)
+            except Exception as e:  # noqa: BLE001
+                base[name] = f"error {type(e).__name__}"
+        log(f"T={T} baselines {base}")
+        for bs in variants:
+            if time.time() > deadline:
+                break
+            key_w = (T, bs.block_q, bs.block_k, bs.num_warps, bs.num_stages)
+            rec = {"T": T, "block_sizes": dataclasses.asdict(bs), **{f"{k_}_s": v_ for k_, v_ in base.items()}}
+            kw = dict(backend=backend, interpret=interpret, block_sizes=bs)
+            try:
+                if key_w not in seen:
+                    seen.add(key_w)
+                    f = jax.jit(lambda q, k, v: sp.sparse_attention(q, k, v, window=w, sinks=s, **kw))
+                    rec["window_s"] = time_fn(f, q, k, v, reps=5)
+                    o = f(q, k, v)
+                    ref_w = ref_w if ref_w is not None else o
+                    rec["window_rel_to_first"] = rel_err(o, ref_w)
+                    rec["window_tflops"] = 4 * args.heads * D * entries_window(T, w, s) / rec["window_s"] / 1e12
+                f = jax.jit(lambda q, k, v: sp.exact_rows_attention(q, k, v, rows, **kw))
+                rec["rows_s"] = time_fn(f, q, k, v, reps=5)
+                o = f(q, k, v)
+                ref_r = ref_r if ref_r is not None else o
+                rec["rows_rel_to_first"] = rel_err(o, ref_r)
+                rec["rows_tflops"] = 4 * args.heads * D * entries_rows(np.asarray(rows)[0]) / rec["rows_s"] / 1e12
+            except Exception as e:  # noqa: BLE001
+                rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            out.append(rec)
+            log(json.dumps(rec))
+    return out
+
+
+def print_table(results, ceiling):
+    cols = ["xla_dense", "cudnn_dense", "cudnn_window", "ours_window", "ours_rows", "ours_delta"]
+    print(f"\nbf16 matmul ceiling {ceiling / 1e12:.0f} TFLOP/s; times in ms (TFLOP/s on computed scores)")
+    print(f"{'T':>8} " + " ".join(f"{c:>20}" for c in cols) + f" {'delta/cudnn':>11} {'win/cudnnW':>10}")
+    for row in results:
+        cells = []
+        for c in cols:
+            r = row.get(c)
+            if r is None:
+                cells.append(f"{'-':>20}")
+            elif "seconds" in r:
+                cells.append(f"{r['seconds'] * 1e3:>11.2f} ({r['tflops']:>5.0f})")
+            else:
+                cells.append(f"{('skip' if 'skipped' in r else 'ERR'):>20}")
+        sd = row.get("ours_delta", {}).get("speedup_vs_cudnn_dense")
+        sw = row.get("ours_window", {}).get("speedup_vs_cudnn_window")
+        fmt = lambda x, n: "-" if x is None else f"{x:.{n}f}"
+        print(f"{row['T']:>8} " + " ".join(cells) + f" {fmt(sd, 1):>11} {fmt(sw, 2):>10}")
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name in ["xla_dense", "cudnn_dense", "cudnn_window", "ours_window", "ours_rows", "ours_delta"]:
+        pts = [(r["T"], r[name]["seconds"]) for r in results if "seconds" in r.get(name, {})]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("seconds per attention call (32 q heads, 8 kv heads, d=128, bf16)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lens", type=str, default=None, help="comma-separated sequence lengths")
+    p.add_argument("--min-len", type=int, default=4096)
+    p.add_argument("--max-len", type=int, default=1 << 20)
+    p.add_argument("--xla-max-len", type=int, default=16384, help="largest T tried with XLA dense")
+    p.add_argument("--window", type=int, default=2048)
+    p.add_argument("--sinks", type=int, default=64)
+    p.add_argument("--gamma", type=int, default=64)
+    p.add_argument("--topk", type=int, default=0, help="also spot-check base='topk_blocks' with this topk")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--check-len", type=int, default=2048)
+    p.add_argument("--backend", type=str, default=None)
+    p.add_argument("--budget-s", type=float, default=540, help="stop starting new timings after this")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness spot check")
+    p.add_argument("--tune", action="store_true", help="sweep block sizes instead of the benchmark")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, interpret mode off GPU")
+    p.add_argument("--tag", type=str, default="")
+    p.add_argument("--out", type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    start = time.time()
+    deadline = start + args.budget_s
+    if args.smoke:
+        args.heads, args.kv_heads, args.head_dim = 4, 2, 64
+        args.window, args.sinks, args.gamma, args.check_len = 64, 16, 16, 256
+        args.lens = args.lens or "256,512"
+        args.xla_max_len = 512
+    if args.lens:
+        args.lens = [int(x) for x in args.lens.split(",")]
+    else:
+        args.lens = [1 << i for i in range(args.min_len.bit_length() - 1, args.max_len.bit_length())
+                     if args.min_len <= (1 << i) <= args.max_len]
+    backend = args.backend or ("gpu" if jax.default_backend() == "gpu" else "xla")
+    interpret = args.smoke and jax.default_backend() != backend
+    if backend == "gpu" or not args.smoke:
+        bs = sp.default_block_sizes(backend, args.head_dim)
+    else:
+        bs = sp.BlockSizes(block_q=32, block_k=16, block_rows=32)
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    dev = jax.devices()[0]
+    info = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
+            "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "backend": backend, "interpret": bool(interpret), "block_sizes": dataclasses.asdict(bs),
+            "shapes": {"batch": 1, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
+                       "dtype": "bfloat16"},
+            "window": args.window, "sinks": args.sinks, "gamma": args.gamma, "tail": args.gamma}
+    log(json.dumps(info))
+    ceiling = matmul_ceiling(512 if args.smoke else 8192)
+    info["matmul_tflops"] = ceiling / 1e12
+    log(f"bf16 matmul ceiling: {ceiling / 1e12:.1f} TFLOP/s")
+    info["check"] = spot_check(args, backend, interpret, bs) if not args.no_check else {}
+    log(f"spot check (rel. error vs reference, T={args.check_len}): {json.dumps(info['check'], indent=1)}")
+    os.makedirs(args.out, exist_ok=True)
+    stem = "prefill_attention" + (f"_{args.tag}" if args.tag else "") + ("_tune" if args.tune else "")
+    if args.tune:
+        info["tune"] = run_tune(args, backend, interpret, deadline, log)
+        with open(os.path.join(args.out, stem + ".json"), "w") as f:
+            json.dump(info, f, indent=1)
+        return info
+    info["results"] = run_benchmark(args, backend, interpret, bs, deadline, log)
+    info["elapsed_s"] = time.time() - start
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump(info, f, indent=1)
+    plot(info["results"], os.path.join(args.out, stem + ".png"))
+    print_table(info["results"], ceiling)
+    return info
+
+
+if __name__ == "__main__":
+    main()
