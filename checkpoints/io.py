@@ -148,15 +148,14 @@ def _resolve_shardings(meta, shardings: ShardingSpec):
                 raise CheckpointError(f"sharding callable returned {s!r} for {path_name(path)!r}, not a Sharding")
             return s
         return jax.tree_util.tree_map_with_path(one, meta)
-    want = jax.tree_util.tree_structure(meta)
-    got = jax.tree_util.tree_structure(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    if want != got:
-        missing = sorted(set(map(path_name, (p for p, _ in jax.tree_util.tree_leaves_with_path(meta))))
-                         - set(path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(
-                             shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))))
+    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    if jax.tree_util.tree_structure(meta) != jax.tree_util.tree_structure(shardings, is_leaf=is_sharding):
+        want = {path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(meta)}
+        got = {path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(shardings, is_leaf=is_sharding)}
         raise CheckpointError(
-            f"shardings tree does not match the checkpoint tree (missing e.g. {missing[:3]}); "
-            "pass a tree with one Sharding per array, one Sharding, or a callable path -> Sharding")
+            f"shardings tree does not match the checkpoint tree (missing {sorted(want - got)[:3]}, "
+            f"extra {sorted(got - want)[:3]}); pass a tree with one Sharding per array, one Sharding, "
+            "or a callable path -> Sharding")
     return shardings
 
 

@@ -3,6 +3,7 @@ streaming assembly of the tree (cast, transpose of linear kernels to in -> out).
 
 from __future__ import annotations
 
+import collections
 import re
 import sys
 from typing import Callable, Iterable, Optional
@@ -130,7 +131,7 @@ def check_names(names: Iterable[str], expected: dict, source: str) -> list[str]:
             f"missing tensor(s) in {source}: {', '.join(missing[:5])}"
             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     if len(set(keep)) != len(keep):
-        dup = sorted({n for n in keep if keep.count(n) > 1})
+        dup = sorted(n for n, c in collections.Counter(keep).items() if c > 1)
         raise CheckpointError(f"tensor(s) stored twice in {source}: {', '.join(dup[:5])}")
     return keep
 
