@@ -17,6 +17,7 @@ PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "delta_jax.json"
 FORMAT_VERSION = 1
+CHUNK_BYTES = 64 << 20
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -105,9 +106,13 @@ def save_params(tree: Mapping[str, Any], folder: Union[str, os.PathLike], *,
     if os.path.exists(path) and not force:
         raise CheckpointError(f"{path!r} already exists; pass force=True to overwrite")
     import orbax.checkpoint as ocp
+    try:  # chunked storage lets a sharded restore read only the chunks of its shards
+        save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), dict(tree))
+    except TypeError:
+        save_args = None
     ckptr = _saver()
     try:
-        ckptr.save(path, args=ocp.args.PyTreeSave(dict(tree)), force=force)
+        ckptr.save(path, args=ocp.args.PyTreeSave(dict(tree), save_args=save_args), force=force)
     finally:
         ckptr.close()
     if config is not None:

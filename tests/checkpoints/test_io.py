@@ -111,12 +111,16 @@ _FOUR_DEVICES = textwrap.dedent("""
 """)
 
 
-def test_restore_onto_four_host_devices(tmp_path):
+def test_restore_onto_four_host_devices(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     tree = {"a": {"kernel": rng.normal(size=(8, 6)).astype(np.float32)},
             "b": {"kernel": rng.normal(size=(8, 6)).astype(ml_dtypes.bfloat16)},
             "c": {"scale": rng.normal(size=(6,)).astype(np.float32)}}
+    monkeypatch.setattr(checkpoints.io, "CHUNK_BYTES", 48)
     checkpoints.save_params(tree, tmp_path)
+    meta = checkpoints.io._metadata_tree(checkpoints.io._checkpointer(), str(tmp_path / "params"))
+    chunk = meta["a"]["kernel"].storage.chunk_shape
+    assert np.prod(chunk) * 4 <= 48 and tuple(chunk) != (8, 6), chunk
     np.savez(tmp_path / "ref.npz", a=tree["a"]["kernel"], b=tree["b"]["kernel"].astype(np.float32),
              c=tree["c"]["scale"])
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
