@@ -63,7 +63,10 @@ def sparse_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
         if method.method == "window":                            # recompute: exact rows, no correction
             out = jnp.where((pos % g == 0)[None, :, None, None], exact_s[:, blk], sparse)
         else:
-            out = _correct(sparse, lse, exact_s, exact_lse[..., :n_strided], blk, tail_start, method)
+            fit = None
+            if method.variant == "fitted":
+                fit = _fit_lag_weights(sparse, exact_t, lengths, tail, max_tail, g)
+            out = _correct(sparse, lse, exact_s, exact_lse[..., :n_strided], blk, tail_start, method, fit)
     else:
         out = sparse
     tail_idx = jnp.clip(pos[None, :] - lengths[:, None] + max_tail, 0, max(max_tail - 1, 0))
@@ -73,7 +76,27 @@ def sparse_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
     return out.astype(q.dtype)
 
 
-def _correct(sparse, lse, exact_s, exact_lse, blk, tail_start, method: PrefillConfig):
+def _fit_lag_weights(sparse, exact_t, lengths, tail, max_tail, g):
+    """Per sequence, head and lag d in [0, gamma): the least-squares weight alpha[d] of the correction
+    c(t - d) as a predictor of c(t) = exact(t) - sparse(t), fitted on the contiguous exact tail rows
+    and clipped to [0, 1]. Returns `[b, gamma, H]` (alpha[0] = 1)."""
+    b, t, h, d = sparse.shape
+    idx = jnp.clip(lengths[:, None] - max_tail + jnp.arange(max_tail)[None, :], 0, t - 1)
+    s_tail = jnp.take_along_axis(sparse, idx[:, :, None, None], axis=1).astype(jnp.float32)
+    c = exact_t.astype(jnp.float32) - s_tail                      # [b, max_tail, H, D]
+    valid = (jnp.arange(max_tail)[None, :] >= (max_tail - tail)[:, None])   # [b, max_tail]
+    c = c * valid[:, :, None, None]
+    lag = jnp.arange(g)[:, None]                                   # [g, 1]
+    later = jnp.arange(max_tail)[None, :] + lag                    # [g, max_tail]: row t + lag
+    ok = (later < max_tail)
+    c_later = jnp.where(ok[None, :, :, None, None], c[:, jnp.minimum(later, max_tail - 1)], 0.0)
+    num = jnp.einsum("bltHd,btHd->blH", c_later, c)               # sum_t <c(t + lag), c(t)>
+    den = jnp.einsum("lt,btH->blH", ok.astype(jnp.float32), jnp.sum(c * c, -1))  # valid rows form a suffix
+    alpha = jnp.clip(num / jnp.maximum(den, 1e-20), 0.0, 1.0)
+    return alpha.at[:, 0].set(1.0)
+
+
+def _correct(sparse, lse, exact_s, exact_lse, blk, tail_start, method: PrefillConfig, fit=None):
     """Delta correction of every row from its block's sampled row. Shapes: sparse `[b, T, H, D]`,
     lse `[b, H, T]`, exact_s `[b, n, H, D]`, exact_lse `[b, H, n]`, blk `[T]`."""
     g = method.gamma
@@ -90,6 +113,22 @@ def _correct(sparse, lse, exact_s, exact_lse, blk, tail_start, method: PrefillCo
         has_next = ((nxt * g) < tail_start) & (nxt > blk)[None, :]      # [b, T]
         d_next = jnp.where(has_next[:, :, None, None], delta[:, nxt], delta[:, blk])
         return s + (1 - a) * delta[:, blk] + a * d_next
+    if method.variant == "fitted":
+        lag = jnp.arange(s.shape[1]) % g
+        return s + fit[:, lag][..., None] * delta[:, blk]
+    if method.variant == "shrink":
+        # per sequence and head, the least-squares coefficient of the next block's delta on this
+        # block's: alpha = sum <d_j, d_j+1> / sum |d_j|^2, clipped to [0, 1]. Heads whose deltas do not
+        # carry over to the neighbouring rows get alpha ~ 0 (the sparse base), smooth ones alpha ~ 1.
+        n = delta.shape[1]
+        ok = (jnp.arange(n)[None, :] * g < tail_start)                      # [b, n] sampled before the tail
+        pair = (ok[:, :-1] & ok[:, 1:])[:, :, None]                         # [b, n-1, 1]
+        num = jnp.sum(jnp.sum(delta[:, :-1] * delta[:, 1:], -1) * pair, 1)  # [b, H]
+        den = jnp.sum(jnp.sum(delta[:, :-1] ** 2, -1) * pair, 1)
+        alpha = jnp.clip(num / jnp.maximum(den, 1e-20), 0.0, 1.0)[:, None, :, None]
+        out = s + alpha * delta[:, blk]
+        is_sampled = (jnp.arange(s.shape[1]) % g == 0)[None, :, None, None]
+        return jnp.where(is_sampled, exact_s.astype(f32)[:, blk], out)
     if method.variant == "gated":
         # per head and block: trust the delta as far as it agrees with the next block's delta
         nxt = jnp.concatenate([delta[:, 1:], delta[:, -1:]], axis=1)

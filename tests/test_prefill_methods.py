@@ -30,7 +30,7 @@ def _dense(q, k, v):
     return dense_prefill(q, k, v)
 
 
-@pytest.mark.parametrize("variant", ["published", "nd", "mix", "gated"])
+@pytest.mark.parametrize("variant", ["published", "nd", "mix", "gated", "shrink", "fitted"])
 def test_window_covering_the_prompt_gives_dense_logits(engine, variant):
     tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, 130).tolist()
     dense = engine.logits(tokens)
@@ -50,7 +50,7 @@ def test_published_delta_equals_the_kernel_level_delta_attention():
     np.testing.assert_allclose(np.asarray(delta.sparse_prefill(q, k, v, lengths, m)), np.asarray(ref), atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["published", "nd", "mix", "gated"])
+@pytest.mark.parametrize("variant", ["published", "nd", "mix", "gated", "shrink", "fitted"])
 def test_sampled_rows_and_tail_are_exact(variant):
     q, k, v = _qkv(seed=1)
     lengths = jnp.asarray([150, 101], jnp.int32)
