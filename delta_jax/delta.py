@@ -184,8 +184,9 @@ def delta_decode(q: jax.Array, kc: jax.Array, vc: jax.Array, lengths: jax.Array,
     return dk.sparse_decode_attention(q, kc, vc, *selection, lengths, page_size=ps), selection
 
 
-def page_mass(q: jax.Array, kc: jax.Array, lengths: jax.Array, page_size: int) -> jax.Array:
-    """Softmax mass per page, averaged over all query heads: `[b, S // page_size]` (sums to 1)."""
+def page_stats(q: jax.Array, kc: jax.Array, lengths: jax.Array, page_size: int):
+    """Per page `[b, S // page_size]`: the softmax mass averaged over all query heads (sums to 1), and
+    DELTA's score (sum over the page's tokens of the maximum over all query heads)."""
     b, h, d = q.shape
     kvh, s = kc.shape[1], kc.shape[2]
     qg = q.reshape(b, kvh, h // kvh, d).astype(jnp.float32)
@@ -193,4 +194,10 @@ def page_mass(q: jax.Array, kc: jax.Array, lengths: jax.Array, page_size: int) -
                     precision=jax.lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(d))
     valid = jnp.arange(s)[None, :] < lengths[:, None]
     p = jax.nn.softmax(jnp.where(valid[:, None, None, :], sc, -jnp.inf), axis=-1)
-    return p.mean(axis=(1, 2)).reshape(b, s // page_size, page_size).sum(-1)
+    pages = (b, s // page_size, page_size)
+    return p.mean(axis=(1, 2)).reshape(pages).sum(-1), p.max(axis=(1, 2)).reshape(pages).sum(-1)
+
+
+def page_mass(q: jax.Array, kc: jax.Array, lengths: jax.Array, page_size: int) -> jax.Array:
+    """Softmax mass per page, averaged over all query heads: `[b, S // page_size]`."""
+    return page_stats(q, kc, lengths, page_size)[0]

@@ -376,12 +376,15 @@ class Engine:
     def coverage(self, prompts, *, decode: Union[str, DecodeConfig] = "delta", steps: int = 8,
                  chat: bool = False, **params) -> dict:
         """How well DELTA's shared page selection covers each layer's own attention, over `steps`
-        greedy decode steps after a dense prefill.
+        greedy decode steps after a dense prefill, decoding with `decode`.
 
         Returns per layer (arrays `[layers]`): `covered` (mean share of the layer's softmax mass, head
         averaged, on the pages it attended to; 1 for dense layers), `oracle` (mass on the layer's own
-        best `budget` pages: what a per-layer selection could reach), and the roles.
+        best `budget` pages: what a per-layer selection could reach), the roles, and `matrix`
+        `[layers, layers]`: entry (i, j) is the share of layer j's mass on the pages DELTA would select
+        from layer i's scores (the input of `delta_jax.calibrate`).
         """
+        from pallas_kernels.delta_decode import select_pages
         _, decode = methods_from("dense", decode, params)
         seqs = [self.encode(p, chat) for p in ([prompts] if isinstance(prompts, str) else prompts)]
         tokens, lengths = self._batch(seqs, steps)
@@ -391,23 +394,30 @@ class Engine:
                             self._prefill_fn(PrefillConfig(), cache_len), self.state, tokens, lengths)
         logits, cache = pre(self.state, tokens, lengths)
         graphdef = self.graphdef
+        ps, budget, recent = decode.page_size, decode.budget, decode.recent
 
         def fn(state, cache, tok, pos):
             model = nnx.merge(graphdef, state)
-            logits, cache, (mass, idx, valid) = model.decode(tok, pos, cache, decode, record=True)
+            logits, cache, (mass, score, idx, valid) = model.decode(tok, pos, cache, decode, record=True)
             covered = jnp.sum(jnp.take_along_axis(mass, idx, -1) * valid, -1)          # [L, b]
-            oracle = jnp.sum(jax.lax.top_k(mass, decode.budget)[0], -1)                 # [L, b]
-            return jnp.argmax(logits, -1).astype(jnp.int32), cache, covered, oracle, valid.any(-1)
+            oracle = jnp.sum(jax.lax.top_k(mass, budget)[0], -1)                        # [L, b]
+            sel = jax.vmap(lambda sc: select_pages(sc, pos + 1, page_size=ps, budget=budget,
+                                                   recent=recent))(score)               # [L, b, budget]
+            matrix = jnp.sum(jnp.take_along_axis(mass[None], sel[0][:, None], -1) * sel[1][:, None], -1)
+            return (jnp.argmax(logits, -1).astype(jnp.int32), cache, covered, oracle, valid.any(-1),
+                    matrix.mean(-1))
 
         run = self._compile(("coverage", tokens.shape[0], cache_len, decode), fn, self.state, cache,
                             jnp.argmax(logits, -1).astype(jnp.int32), lengths)
-        tok, pos, cov, orc = jnp.argmax(logits, -1).astype(jnp.int32), lengths, [], []
+        tok, pos, cov, orc, mat = jnp.argmax(logits, -1).astype(jnp.int32), lengths, [], [], []
         for _ in range(steps):
-            tok, cache, c, o, sparse = run(self.state, cache, tok, pos)
+            tok, cache, c, o, sparse, m = run(self.state, cache, tok, pos)
             cov.append(np.where(np.asarray(sparse), np.asarray(c), 1.0))
             orc.append(np.asarray(o))
+            mat.append(np.asarray(m))
             pos = pos + 1
-        return {"roles": list(roles), "covered": np.mean(cov, axis=(0, 2)), "oracle": np.mean(orc, axis=(0, 2))}
+        return {"roles": list(roles), "covered": np.mean(cov, axis=(0, 2)), "oracle": np.mean(orc, axis=(0, 2)),
+                "matrix": np.mean(mat, axis=0)}
 
     def attention_outputs(self, tokens, *, prefill: Union[str, PrefillConfig] = "dense",
                           **params) -> np.ndarray:

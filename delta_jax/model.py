@@ -173,9 +173,10 @@ class Decoder(nnx.Module):
         """One decode step. tokens `[b]` at positions `lengths` `[b]`; returns (logits `[b, vocab]`, cache).
 
         Every layer appends its key and value; the attention per layer follows the method's schedule.
-        With `record`, also returns per layer its own softmax mass per page `[layers, b, pages]` and the
-        page selection it attended to (`[layers, b, budget]` indices and validity; all-invalid for
-        layers that attended densely): the diagnostic of how well a shared selection covers a layer.
+        With `record`, also returns per layer its own softmax mass per page `[layers, b, pages]`, its own
+        DELTA page scores (same shape) and the page selection it attended to (`[layers, b, budget]`
+        indices and validity; all-invalid for layers that attended densely): the diagnostic of how well
+        a shared selection covers a layer.
         """
         inv_freq = rope_frequencies(self.cfg)
         positions = lengths[:, None]
@@ -188,15 +189,14 @@ class Decoder(nnx.Module):
             new_cache.append((kc, vc))
             o, selection = attention.decode(q[:, 0], kc, vc, lengths + 1, roles[i], selection, method)
             if record:
-                from delta_jax.delta import page_mass
+                from delta_jax.delta import page_stats
                 b = tokens.shape[0]
                 used = roles[i] == "sparse" or (method.variant == "per_layer" and roles[i] != "full")
                 idx = selection[0] if used else jnp.zeros((b, method.budget), jnp.int32)
                 valid = selection[1] if used else jnp.zeros((b, method.budget), bool)
-                records.append((page_mass(q[:, 0], kc, lengths + 1, method.page_size), idx, valid))
+                records.append((*page_stats(q[:, 0], kc, lengths + 1, method.page_size), idx, valid))
             x = x + layer.attn.out(o[:, None])
             x = x + layer.mlp(layer.mlp_norm(x))
         if record:
-            mass, idx, valid = (jnp.stack(r) for r in zip(*records))
-            return self.logits(x[:, 0]), tuple(new_cache), (mass, idx, valid)
+            return self.logits(x[:, 0]), tuple(new_cache), tuple(jnp.stack(r) for r in zip(*records))
         return self.logits(x[:, 0]), tuple(new_cache)
