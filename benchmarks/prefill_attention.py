@@ -3,7 +3,7 @@ kernels (sliding window + sinks, exact rows, Delta Attention), Llama-3.1-8B atte
 
     PYTHONPATH=. python benchmarks/prefill_attention.py --max-len 1048576
     PYTHONPATH=. python benchmarks/prefill_attention.py --smoke          # tiny, CPU
-    PYTHONPATH=. python benchmarks/prefill_attention.py --tune --lens 16384,65536
+    PYTHONPATH=. python benchmarks/prefill_attention.py --tune --lens 131072,262144 --bench-lens 65536
 
 Writes prefill_attention[_TAG].json and .png to --out, prints a table last. TFLOP/s count only
 the score entries each method computes (4 * B * H * D per entry), against a measured bf16
@@ -77,12 +77,13 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def spot_check(args, backend, interpret, bs):
+def spot_check(args, backend, interpret, bs, rbs=None):
     """Our kernels against the dense-mask reference (float32) at a small T, each check alone."""
     T = args.check_len
     q, k, v = make_inputs(T, 1, args.heads, args.kv_heads, args.head_dim, jnp.bfloat16, seed=7)
     w, s, g = min(args.window, T // 4), min(args.sinks, T // 8), args.gamma
     kw = dict(backend=backend, interpret=interpret, block_sizes=bs)
+    rkw = dict(backend=backend, interpret=interpret, block_sizes=rbs or bs)
     rows = sp.delta_rows(T, g, g)
     checks = {
         "window_sinks": lambda: rel_err(sp.sparse_attention(q, k, v, window=w, sinks=s, **kw),
@@ -90,11 +91,12 @@ def spot_check(args, backend, interpret, bs):
         "window_sinks_lse": lambda: rel_err(
             sp.sparse_attention(q, k, v, window=w, sinks=s, return_lse=True, **kw)[1],
             ref.sparse_attention_reference(q, k, v, window=w, sinks=s, return_lse=True)[1]),
-        "exact_rows": lambda: rel_err(sp.exact_rows_attention(q, k, v, rows, **kw),
+        "exact_rows": lambda: rel_err(sp.exact_rows_attention(q, k, v, rows, **rkw),
                                       ref.exact_rows_reference(q, k, v, rows)),
-        "exact_rows_lse": lambda: rel_err(sp.exact_rows_attention(q, k, v, rows, return_lse=True, **kw)[1],
+        "exact_rows_lse": lambda: rel_err(sp.exact_rows_attention(q, k, v, rows, return_lse=True, **rkw)[1],
                                           ref.exact_rows_reference(q, k, v, rows, return_lse=True)[1]),
-        "delta": lambda: rel_err(sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g, **kw),
+        "delta": lambda: rel_err(sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g,
+                                                    rows_block_sizes=rbs, **kw),
                                  ref.delta_attention_reference(q, k, v, window=w, sinks=s, gamma=g)),
     }
     if args.topk:
@@ -125,17 +127,19 @@ def _topk_reference(q, k, v, window, sinks, topk, bs):
     return ref.block_sparse_reference(q, k, v, mask, block_q=bs.block_q, block_k=bs.block_k)
 
 
-def methods(args, backend, interpret, bs):
+def methods(args, backend, interpret, bs, rbs=None):
     w, s, g = args.window, args.sinks, args.gamma
     kw = dict(backend=backend, interpret=interpret, block_sizes=bs)
+    rkw = dict(backend=backend, interpret=interpret, block_sizes=rbs)
     out = {
         "xla_dense": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"),
         "cudnn_dense": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
         "cudnn_window": lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation="cudnn", local_window_size=(w - 1, 0)),
         "ours_window": lambda q, k, v: sp.sparse_attention(q, k, v, window=w, sinks=s, **kw),
-        "ours_rows": lambda q, k, v: sp.exact_rows_attention(q, k, v, sp.delta_rows(q.shape[1], g, g), **kw),
-        "ours_delta": lambda q, k, v: sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g, **kw),
+        "ours_rows": lambda q, k, v: sp.exact_rows_attention(q, k, v, sp.delta_rows(q.shape[1], g, g), **rkw),
+        "ours_delta": lambda q, k, v: sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g,
+                                                         rows_block_sizes=rbs, **kw),
     }
     if backend != "gpu":
         del out["cudnn_dense"], out["cudnn_window"]
@@ -156,9 +160,9 @@ def reps_for(name, T):
     return 3 if T >= 262144 else (5 if T >= 32768 else 10)
 
 
-def run_benchmark(args, backend, interpret, bs, deadline, log):
+def run_benchmark(args, backend, interpret, bs, deadline, log, rbs=None):
     B, H, Hkv, D = 1, args.heads, args.kv_heads, args.head_dim
-    fns = methods(args, backend, interpret, bs)
+    fns = methods(args, backend, interpret, bs, rbs)
     results = []
     dense_dead = {"xla_dense": False, "cudnn_dense": False}
     for T in args.lens:
@@ -203,56 +207,74 @@ def run_benchmark(args, backend, interpret, bs, deadline, log):
     return results
 
 
+WINDOW_VARIANTS = [  # (block_q, block_k, num_warps, num_stages, fold_heads)
+    (128, 64, 8, 3, False), (128, 64, 8, 3, True), (128, 64, 4, 3, True), (128, 128, 8, 3, True),
+    (64, 64, 4, 3, True), (128, 64, 8, 4, True), (64, 64, 4, 3, False), (128, 64, 8, 2, True),
+    (64, 128, 4, 3, True), (128, 32, 4, 3, True)]
+ROWS_VARIANTS = [  # (block_rows, block_k, num_warps, num_stages)
+    (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
+    (128, 128, 8, 2), (64, 128, 4, 3), (128, 128, 4, 3), (128, 32, 4, 4)]
+
+
+def _timed(fn, q, k, v, reps):
+    t = time_fn(fn, q, k, v, reps=reps)
+    return t, fn(q, k, v)
+
+
 def run_tune(args, backend, interpret, deadline, log):
-    """Times block-size variants of our three kernels at each T (correctness checked at T=2048)."""
-    D = args.head_dim
-    variants = []
-    for bq, bk, nw, ns in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3),
-                           (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 4), (64, 128, 4, 2)]:
-        for br in (128, 64, 256):
-            variants.append(sp.BlockSizes(block_q=bq, block_k=bk, block_rows=br, num_warps=nw, num_stages=ns))
-    seen, out = set(), []
-    w, s, g = args.window, args.sinks, args.gamma
-    for T in args.lens:
+    """Times tile variants of the window (at args.lens[0]) and exact-rows (at args.lens[-1])
+    kernels; each output is compared with the first variant's. Returns records and the best
+    BlockSizes of each kernel."""
+    w, s, g, D = args.window, args.sinks, args.gamma, args.head_dim
+    out, best = [], {}
+    for kind, T, variants in (("window", args.lens[0], WINDOW_VARIANTS), ("rows", args.lens[-1], ROWS_VARIANTS)):
         q, k, v = make_inputs(T, 1, args.heads, args.kv_heads, D, jnp.bfloat16)
         rows = sp.delta_rows(T, g, g)
-        ref_w = ref_r = None
-        base = {}
-        for name, f in (("cudnn_dense", lambda q, k, v: jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, implementation="cudnn")),
-                        ("cudnn_window", lambda q, k, v: jax.nn.dot_product_attention(
-                            q, k, v, is_causal=True, implementation="cudnn", local_window_size=(w - 1, 0)))):
-            try:
-                base[name] = time_fn(jax.jit(f), q, k, v, reps=3)
-            except Exception as e:  # noqa: BLE001
-                base[name] = f"error {type(e).__name__}"
-        log(f"T={T} baselines {base}")
-        for bs in variants:
+        base_name = "cudnn_window" if kind == "window" else "cudnn_dense"
+        win = (w - 1, 0) if kind == "window" else None
+        try:
+            base_s = time_fn(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation="cudnn", local_window_size=win)), q, k, v,
+                reps=3 if kind == "window" else 2)
+        except Exception as e:  # noqa: BLE001
+            base_s = None
+            log(f"{base_name} error {type(e).__name__}")
+        ent = entries_window(T, w, s) if kind == "window" else entries_rows(np.asarray(rows)[0])
+        base_ent = entries_window(T, w, 0) if kind == "window" else entries_dense(T)
+        log(f"tune {kind} T={T}: {base_name} {base_s}")
+        first = None
+        for var in variants:
             if time.time() > deadline:
                 break
-            key_w = (T, bs.block_q, bs.block_k, bs.num_warps, bs.num_stages)
-            rec = {"T": T, "block_sizes": dataclasses.asdict(bs), **{f"{k_}_s": v_ for k_, v_ in base.items()}}
-            kw = dict(backend=backend, interpret=interpret, block_sizes=bs)
+            if kind == "window":
+                bq, bk, nw, ns, fold = var
+                bs = sp.BlockSizes(block_q=bq, block_k=bk, num_warps=nw, num_stages=ns, fold_heads=fold)
+                f = jax.jit(lambda q, k, v, bs=bs: sp.sparse_attention(
+                    q, k, v, window=w, sinks=s, backend=backend, interpret=interpret, block_sizes=bs))
+            else:
+                br, bk, nw, ns = var
+                bs = sp.BlockSizes(block_k=bk, block_rows=br, num_warps=nw, num_stages=ns)
+                f = jax.jit(lambda q, k, v, bs=bs: sp.exact_rows_attention(
+                    q, k, v, rows, backend=backend, interpret=interpret, block_sizes=bs))
+            rec = {"kernel": kind, "T": T, "block_sizes": dataclasses.asdict(bs), f"{base_name}_s": base_s}
             try:
-                if key_w not in seen:
-                    seen.add(key_w)
-                    f = jax.jit(lambda q, k, v: sp.sparse_attention(q, k, v, window=w, sinks=s, **kw))
-                    rec["window_s"] = time_fn(f, q, k, v, reps=5)
-                    o = f(q, k, v)
-                    ref_w = ref_w if ref_w is not None else o
-                    rec["window_rel_to_first"] = rel_err(o, ref_w)
-                    rec["window_tflops"] = 4 * args.heads * D * entries_window(T, w, s) / rec["window_s"] / 1e12
-                f = jax.jit(lambda q, k, v: sp.exact_rows_attention(q, k, v, rows, **kw))
-                rec["rows_s"] = time_fn(f, q, k, v, reps=5)
-                o = f(q, k, v)
-                ref_r = ref_r if ref_r is not None else o
-                rec["rows_rel_to_first"] = rel_err(o, ref_r)
-                rec["rows_tflops"] = 4 * args.heads * D * entries_rows(np.asarray(rows)[0]) / rec["rows_s"] / 1e12
+                t, o = _timed(f, q, k, v, reps=5)
+                first = o if first is None else first
+                rec.update(seconds=t, tflops=4 * args.heads * D * ent / t / 1e12, rel_to_first=rel_err(o, first))
+                if base_s:
+                    rec["base_tflops"] = 4 * args.heads * D * base_ent / base_s / 1e12
+                    rec["speedup_vs_base"] = base_s / t
+                if rec["rel_to_first"] < 2e-2 and (kind not in best or t < best[kind][1]):
+                    best[kind] = (bs, t)
             except Exception as e:  # noqa: BLE001
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             out.append(rec)
-            log(json.dumps(rec))
-    return out
+            log(f"  {kind} {var}: " + (f"{rec['seconds'] * 1e3:.2f} ms, {rec['tflops']:.0f} TFLOP/s, "
+                                       f"x{rec.get('speedup_vs_base', 0):.2f} vs {base_name}, "
+                                       f"rel {rec['rel_to_first']:.1e}" if "seconds" in rec else rec["error"]))
+        del q, k, v
+    return out, {kind: dataclasses.asdict(b[0]) for kind, b in best.items()}, \
+        {kind: b[0] for kind, b in best.items()}
 
 
 def print_table(results, ceiling):
@@ -311,7 +333,11 @@ def main(argv=None):
     p.add_argument("--backend", type=str, default=None)
     p.add_argument("--budget-s", type=float, default=540, help="stop starting new timings after this")
     p.add_argument("--no-check", action="store_true", help="skip the correctness spot check")
-    p.add_argument("--tune", action="store_true", help="sweep block sizes instead of the benchmark")
+    p.add_argument("--tune", action="store_true",
+                   help="sweep tiles (window kernel at the first of --lens, rows at the last); then, with "
+                        "--bench-lens, run the benchmark there with the best tiles")
+    p.add_argument("--bench-lens", type=str, default=None)
+    p.add_argument("--tune-budget-s", type=float, default=None, help="stop tuning after this")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, interpret mode off GPU")
     p.add_argument("--tag", type=str, default="")
     p.add_argument("--out", type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -332,8 +358,9 @@ def main(argv=None):
     interpret = args.smoke and jax.default_backend() != backend
     if backend == "gpu" or not args.smoke:
         bs = sp.default_block_sizes(backend, args.head_dim)
+        rbs = sp.default_block_sizes(backend, args.head_dim, kind="rows")
     else:
-        bs = sp.BlockSizes(block_q=32, block_k=16, block_rows=32)
+        bs = rbs = sp.BlockSizes(block_q=32, block_k=16, block_rows=32)
     lines = []
 
     def log(msg):
@@ -343,7 +370,7 @@ def main(argv=None):
     dev = jax.devices()[0]
     info = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
             "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "backend": backend, "interpret": bool(interpret), "block_sizes": dataclasses.asdict(bs),
+            "backend": backend, "interpret": bool(interpret),
             "shapes": {"batch": 1, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
                        "dtype": "bfloat16"},
             "window": args.window, "sinks": args.sinks, "gamma": args.gamma, "tail": args.gamma}
@@ -351,16 +378,23 @@ def main(argv=None):
     ceiling = matmul_ceiling(512 if args.smoke else 8192)
     info["matmul_tflops"] = ceiling / 1e12
     log(f"bf16 matmul ceiling: {ceiling / 1e12:.1f} TFLOP/s")
-    info["check"] = spot_check(args, backend, interpret, bs) if not args.no_check else {}
-    log(f"spot check (rel. error vs reference, T={args.check_len}): {json.dumps(info['check'], indent=1)}")
     os.makedirs(args.out, exist_ok=True)
-    stem = "prefill_attention" + (f"_{args.tag}" if args.tag else "") + ("_tune" if args.tune else "")
+    stem = "prefill_attention" + (f"_{args.tag}" if args.tag else "")
     if args.tune:
-        info["tune"] = run_tune(args, backend, interpret, deadline, log)
-        with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        tune_deadline = start + (args.tune_budget_s or args.budget_s)
+        info["tune"], info["tuned"], best = run_tune(args, backend, interpret, tune_deadline, log)
+        bs, rbs = best.get("window", bs), best.get("rows", rbs)
+        log(f"tuned: {json.dumps(info['tuned'])}")
+        with open(os.path.join(args.out, stem + "_tune.json"), "w") as f:
             json.dump(info, f, indent=1)
-        return info
-    info["results"] = run_benchmark(args, backend, interpret, bs, deadline, log)
+        if not args.bench_lens:
+            return info
+        args.lens = [int(x) for x in args.bench_lens.split(",")]
+    info["block_sizes"] = dataclasses.asdict(bs)
+    info["rows_block_sizes"] = dataclasses.asdict(rbs)
+    info["check"] = spot_check(args, backend, interpret, bs, rbs) if not args.no_check else {}
+    log(f"spot check (rel. error vs reference, T={args.check_len}): {json.dumps(info['check'], indent=1)}")
+    info["results"] = run_benchmark(args, backend, interpret, bs, deadline, log, rbs)
     info["elapsed_s"] = time.time() - start
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(info, f, indent=1)

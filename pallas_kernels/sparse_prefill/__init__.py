@@ -47,6 +47,9 @@ class BlockSizes:
     block_rows: (row, head) pairs per tile of the exact-rows kernel; the `group` query heads of
       a kv head are folded into the tile, so a tile holds block_rows / group rows.
     num_warps, num_stages: Triton settings (gpu only).
+    fold_heads: gpu sparse kernel: put the `group` heads of a kv head into one tile of block_q
+      rows (block_q / group positions), loading each key block once per group (used when the
+      group is a power of two dividing block_q).
     """
 
     block_q: int = 128
@@ -54,6 +57,7 @@ class BlockSizes:
     block_rows: int = 128
     num_warps: int = 4
     num_stages: int = 2
+    fold_heads: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "block_rows"):
@@ -62,11 +66,14 @@ class BlockSizes:
                 raise ValueError(f"{name} must be a positive power of two, got {val}")
 
 
-def default_block_sizes(backend: str, head_dim: int = 128) -> BlockSizes:
-    """Tuned defaults per backend (tpu: multiples of the (8, 128) tiling)."""
+def default_block_sizes(backend: str, head_dim: int = 128, kind: str = "sparse") -> BlockSizes:
+    """Defaults per backend and kernel kind ("sparse": window/sinks and block lists; "rows":
+    exact rows). gpu: measured on an H100 (benchmarks/results); tpu: (8, 128) tiling multiples."""
     if backend == "gpu":
-        return BlockSizes(block_q=128, block_k=64, block_rows=128,
-                          num_warps=4 if head_dim <= 64 else 8, num_stages=3)
+        if kind == "rows":
+            return BlockSizes(block_q=128, block_k=128, block_rows=128, num_warps=8, num_stages=3)
+        return BlockSizes(block_q=64, block_k=64, block_rows=128, num_warps=4, num_stages=3,
+                          fold_heads=True)
     if backend == "tpu":
         return BlockSizes(block_q=128, block_k=128, block_rows=256)
     return BlockSizes(block_q=128, block_k=128, block_rows=128)
@@ -153,6 +160,16 @@ def _attend_rows(q, k, v, rows, *, window, sinks, backend, interpret, bs, gather
     B, T, H, D = q.shape
     group = H // k.shape[2]
     R = rows.shape[1]
+    fold = (backend == "gpu" and bs.fold_heads and group > 1 and group & (group - 1) == 0
+            and bs.block_q % group == 0)
+    if fold and not gathered:
+        tq = _round_up(T, bs.block_q // group)
+        tk = _round_up(tq, bs.block_k)
+        out, lse = gpu.attend_grouped(
+            _pad_seq(q, tq), _pad_seq(k, tk), _pad_seq(v, tk), block_q=bs.block_q, block_k=bs.block_k,
+            window=window, sinks=sinks, num_warps=bs.num_warps, num_stages=bs.num_stages,
+            interpret=interpret)
+        return out[:, :T], lse[:, :, :T]
     if backend == "gpu" and not gathered:
         tq = _round_up(T, bs.block_q)
         tk = _round_up(tq, bs.block_k)
@@ -183,10 +200,10 @@ def _attend_rows(q, k, v, rows, *, window, sinks, backend, interpret, bs, gather
     return _unfold(out, lse, R, group)
 
 
-def _setup(q, k, v, backend, block_sizes):
+def _setup(q, k, v, backend, block_sizes, kind="sparse"):
     _check_qkv(q, k, v)
     backend = _pick_backend(backend)
-    bs = block_sizes or default_block_sizes(backend, q.shape[-1])
+    bs = block_sizes or default_block_sizes(backend, q.shape[-1], kind)
     return backend, bs
 
 
@@ -215,7 +232,7 @@ def exact_rows_attention(q, k, v, rows, *, backend: Optional[str] = None, interp
     Returns out [B, R, H, D] = softmax(q[b, r] k[b, :r+1]^T / sqrt(D)) v[b, :r+1] (and lse
     [B, H, R]). A tile visits the key blocks up to its largest row: sorted rows do least work.
     """
-    backend, bs = _setup(q, k, v, backend, block_sizes)
+    backend, bs = _setup(q, k, v, backend, block_sizes, kind="rows")
     rows = jnp.asarray(rows)
     if rows.ndim != 2 or rows.shape[0] != q.shape[0]:
         raise ValueError(f"rows must have shape [batch={q.shape[0]}, R], got {rows.shape}")
@@ -313,23 +330,27 @@ def delta_correct(sparse_out, exact_out, lengths=None, *, gamma: int, tail: int,
     """
     B, T, H, D = sparse_out.shape
     ns = -(-T // gamma)
-    lengths = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
     sp = sparse_out.astype(jnp.float32)
-    delta = exact_out[:, :ns].astype(jnp.float32) - sp[:, ::gamma]
-    t = jnp.arange(T, dtype=jnp.int32)
-    blk = t // gamma
-    d = jnp.repeat(delta, gamma, axis=1, total_repeat_length=ns * gamma)[:, :T]
-    tail_start = lengths - tail
+    delta = exact_out[:, :ns].astype(jnp.float32) - sp[:, ::gamma]  # [B, ns, H, D]
+    # blocks of gamma rows as an axis: no index arrays over T (XLA would constant-fold them)
+    blocks = _pad_seq(sp, ns * gamma).reshape(B, ns, gamma, H, D)
+    d = delta[:, :, None]
     if smooth:
-        has_next = ((blk + 1) * gamma)[None, :] < tail_start[:, None]
+        tail_start = (jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)) - tail
+        has_next = ((jnp.arange(ns) + 1) * gamma)[None, :] < tail_start[:, None]
         nxt = jnp.concatenate([delta[:, 1:], delta[:, -1:]], axis=1)
-        d_next = jnp.repeat(nxt, gamma, axis=1, total_repeat_length=ns * gamma)[:, :T]
-        d_next = jnp.where(has_next[:, :, None, None], d_next, d)
-        a = ((t % gamma) / gamma).astype(jnp.float32)[None, :, None, None]
-        d = (1 - a) * d + a * d_next
-    out = sp + d
+        nxt = jnp.where(has_next[:, :, None, None], nxt, delta)[:, :, None]
+        a = (jnp.arange(gamma, dtype=jnp.float32) / gamma)[None, None, :, None, None]
+        d = (1 - a) * d + a * nxt
+    out = (blocks + d).reshape(B, ns * gamma, H, D)[:, :T]
+    if lengths is None:
+        if tail:
+            out = out.at[:, T - tail:].set(exact_out[:, ns:].astype(jnp.float32))
+        return out.astype(sparse_out.dtype)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    t = jnp.arange(T, dtype=jnp.int32)
     if tail:
-        ti = t[None, :] - tail_start[:, None]
+        ti = t[None, :] - (lengths - tail)[:, None]
         in_tail = (ti >= 0) & (t[None, :] < lengths[:, None])
         exact_tail = jnp.take_along_axis(exact_out[:, ns:], jnp.clip(ti, 0, tail - 1)[:, :, None, None], axis=1)
         out = jnp.where(in_tail[:, :, None, None], exact_tail.astype(jnp.float32), out)
@@ -340,13 +361,15 @@ def delta_correct(sparse_out, exact_out, lengths=None, *, gamma: int, tail: int,
 def delta_attention(q, k, v, *, window: int, sinks: int, gamma: int = 64, tail: Optional[int] = None,
                     smooth: bool = False, base: str = "window", lengths=None, topk: Optional[int] = None,
                     backend: Optional[str] = None, interpret=False,
-                    block_sizes: Optional[BlockSizes] = None):
+                    block_sizes: Optional[BlockSizes] = None, rows_block_sizes: Optional[BlockSizes] = None):
     """Delta Attention (ALGORITHMS.md section 1): a sparse base for every row, exact strided rows
     every `gamma` and an exact tail (default `gamma` rows), corrected by delta = exact - sparse.
 
     base: "window" (sliding window + sinks) or "topk_blocks" (sinks and local blocks plus the
     `topk` best key blocks per query block by pooled score). lengths int [B]: valid length of
     each right-padded sequence (rows past it hold the sparse value). Returns [B, T, H, D].
+    block_sizes: the sparse kernel's tiles; rows_block_sizes: the exact-rows kernel's (defaults
+    per backend: `default_block_sizes(backend, head_dim, kind)`).
     """
     backend, bs = _setup(q, k, v, backend, block_sizes)
     _check_window(window, sinks)
@@ -374,5 +397,6 @@ def delta_attention(q, k, v, *, window: int, sinks: int, gamma: int = 64, tail: 
                                  sinks=sinks, topk=topk)
         sparse = block_sparse_attention(q, k, v, idx, cnt, block_q=bs.block_q, block_k=bs.block_k, **kw)
     rows = delta_rows(T, gamma, tail, lengths, batch=B)
-    exact = exact_rows_attention(q, k, v, rows, **kw)
+    exact = exact_rows_attention(q, k, v, rows, backend=backend, interpret=interpret,
+                                 block_sizes=rows_block_sizes or block_sizes)
     return delta_correct(sparse, exact, lengths, gamma=gamma, tail=tail, smooth=smooth)

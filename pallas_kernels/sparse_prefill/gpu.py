@@ -29,7 +29,7 @@ def _div(a, b):
 
 
 def _kernel(*refs, folded, listed, num_tiles, block_k, num_k_blocks, window, sinks, scale, precision,
-            with_lse):
+            with_lse, fold=1):
     refs = list(refs)
     pos_ref = refs.pop(0) if folded else None
     q_ref, k_ref, v_ref = refs[:3]
@@ -40,15 +40,19 @@ def _kernel(*refs, folded, listed, num_tiles, block_k, num_k_blocks, window, sin
     o_ref = refs[0]
     lse_ref = refs[1] if with_lse else None
 
-    bq, d = q_ref.shape
+    positions, width = q_ref.shape
+    d = width // fold
+    bq = positions * fold
+    q = q_ref[...]
+    if fold > 1:
+        q = q.reshape(bq, d)
     if folded:
         t = pos_ref[...]
         tmin, tmax = jnp.min(t), jnp.max(t)
     else:
-        tmin = (num_tiles - 1 - pl.program_id(0)) * bq
-        t = tmin + jnp.arange(bq, dtype=jnp.int32)
-        tmax = tmin + (bq - 1)
-    q = q_ref[...]
+        tmin = (num_tiles - 1 - pl.program_id(0)) * positions
+        t = tmin + _div(jnp.arange(bq, dtype=jnp.int32), fold)
+        tmax = tmin + (positions - 1)
     qk_scale = scale * LOG2E
 
     def step(kb, carry, masked):
@@ -89,16 +93,19 @@ def _kernel(*refs, folded, listed, num_tiles, block_k, num_k_blocks, window, sin
         inner_hi = jnp.minimum(jnp.maximum(_div(tmin + 1, block_k), inner_lo), hi)
         if sinks and window < FAR:
             sink_hi = jnp.minimum(-(-sinks // block_k), lo)
-            carry = lax.fori_loop(0, sink_hi, functools.partial(step, masked=True), carry)
+            # blocks before lo are causal and outside every row's window: only `s < sinks` matters
+            carry = lax.fori_loop(0, sink_hi, functools.partial(step, masked=sinks % block_k != 0), carry)
         carry = lax.fori_loop(lo, inner_lo, functools.partial(step, masked=True), carry)
         carry = lax.fori_loop(inner_lo, inner_hi, functools.partial(step, masked=False), carry)
         carry = lax.fori_loop(inner_hi, hi, functools.partial(step, masked=True), carry)
     m, l, acc = carry
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    o = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    o_ref[...] = o.reshape(positions, width) if fold > 1 else o
     if with_lse:
-        lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) / LOG2E)
+        lse = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) / LOG2E)
+        lse_ref[...] = lse.reshape(positions, fold) if fold > 1 else lse
 
 
 def _params(num_warps, num_stages):
@@ -142,6 +149,40 @@ def attend_direct(q, k, v, *, block_q, block_k, window, sinks, indices=None, cou
         name="sparse_prefill_direct",
     )(*args)
     return out, lse
+
+
+def attend_grouped(q, k, v, *, block_q, block_k, window, sinks, num_warps=4, num_stages=2,
+                   interpret=False):
+    """Every row in place, the `group` heads of a kv head in one tile of block_q rows
+    (block_q / group positions), so each key block is loaded once per group and the band is
+    narrower. q [B, Tq, H, D] (Tq a multiple of block_q / group), k/v [B, Tk, Hkv, D]; group a
+    power of two dividing block_q. Returns out [B, Tq, H, D], lse [B, H, Tq]."""
+    B, tq, H, D = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = H // hkv
+    positions = block_q // group
+    nq = tq // positions
+    kernel = functools.partial(
+        _kernel, folded=False, listed=False, num_tiles=nq, block_k=block_k, num_k_blocks=tk // block_k,
+        window=window, sinks=sinks, scale=D ** -0.5, precision=_precision(q.dtype), with_lse=True,
+        fold=group)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(nq, B, hkv),
+        in_specs=[
+            pl.BlockSpec((None, positions, None, group * D), lambda i, b, h: (b, nq - 1 - i, h, 0)),
+            pl.BlockSpec((None, tk, None, D), lambda i, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((None, tk, None, D), lambda i, b, h: (b, 0, h, 0)),
+        ],
+        out_specs=[pl.BlockSpec((None, positions, None, group * D), lambda i, b, h: (b, nq - 1 - i, h, 0)),
+                   pl.BlockSpec((None, positions, None, group), lambda i, b, h: (b, nq - 1 - i, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, tq, hkv, group * D), q.dtype),
+                   jax.ShapeDtypeStruct((B, tq, hkv, group), jnp.float32)],
+        compiler_params=_params(num_warps, num_stages),
+        interpret=interpret,
+        name="sparse_prefill_grouped",
+    )(q.reshape(B, tq, hkv, group * D), k, v)
+    return out.reshape(B, tq, H, D), lse.reshape(B, tq, H).transpose(0, 2, 1)
 
 
 def attend_folded(qf, pos, k, v, *, block_rows, block_k, window, sinks, num_warps=4, num_stages=2,

@@ -26,12 +26,6 @@ class Ranges:
     hi: jax.Array
     steps: int = dataclasses.field(metadata=dict(static=True))
 
-    def count(self):
-        return self.sink_blocks + self.hi - self.lo
-
-    def block(self, j, sink_blocks, lo):
-        return jnp.where(j < sink_blocks, j, lo + j - sink_blocks)
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +33,6 @@ class Listed:
     indices: jax.Array  # int32 [B, Hkv, nQ, L]
     counts: jax.Array  # int32 [B, Hkv, nQ]
     steps: int = dataclasses.field(metadata=dict(static=True))
-
-    def count(self):
-        return self.counts
 
 
 def tile_bounds(pos, block_rows):
