@@ -159,6 +159,9 @@ def _attend_rows(q, k, v, rows, *, window, sinks, backend, interpret, bs, gather
     when not `gathered`. Returns out [B, R, H, D], lse [B, H, R]."""
     B, T, H, D = q.shape
     group = H // k.shape[2]
+    if rows is None:
+        rows = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    rows = rows.astype(jnp.int32)
     R = rows.shape[1]
     fold = (backend == "gpu" and bs.fold_heads and group > 1 and group & (group - 1) == 0
             and bs.block_q % group == 0)
@@ -219,8 +222,7 @@ def sparse_attention(q, k, v, *, window: int, sinks: int, backend: Optional[str]
     B, T = q.shape[:2]
     window = FAR if window >= T else int(window)
     sinks = 0 if window == FAR else min(int(sinks), T)
-    rows = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    out, lse = _attend_rows(q, k, v, rows, window=window, sinks=sinks, backend=backend,
+    out, lse = _attend_rows(q, k, v, None, window=window, sinks=sinks, backend=backend,
                             interpret=interpret, bs=bs, gathered=False)
     return (out, lse) if return_lse else out
 
@@ -242,7 +244,7 @@ def exact_rows_attention(q, k, v, rows, *, backend: Optional[str] = None, interp
         lo, hi = int(np.min(np.asarray(rows))), int(np.max(np.asarray(rows)))
         if lo < 0 or hi >= q.shape[1]:
             raise ValueError(f"rows must lie in [0, {q.shape[1]}), got values in [{lo}, {hi}]")
-    out, lse = _attend_rows(q, k, v, rows.astype(jnp.int32), window=FAR, sinks=0, backend=backend,
+    out, lse = _attend_rows(q, k, v, rows, window=FAR, sinks=0, backend=backend,
                             interpret=interpret, bs=bs, gathered=True)
     return (out, lse) if return_lse else out
 
@@ -257,6 +259,7 @@ def _block_sparse(q, k, v, indices, counts, *, block_q, block_k, window, sinks, 
     tq = nq * block_q
     tk = _round_up(max(T, tq), block_k)
     L = indices.shape[-1]
+    indices, counts = indices.astype(jnp.int32), counts.astype(jnp.int32)
     if backend == "gpu":
         lp = 1 << max(L - 1, 0).bit_length()
         idx = jnp.pad(indices, ((0, 0),) * 3 + ((0, lp - L),))
@@ -301,12 +304,13 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_q: int
         _check_window(window, sinks or 0)
     win = FAR if window is None or window >= T else int(window)
     snk = 0 if win == FAR else int(sinks or 0)
-    out, lse = _block_sparse(q, k, v, block_indices.astype(jnp.int32), block_counts.astype(jnp.int32),
+    out, lse = _block_sparse(q, k, v, block_indices, block_counts,
                              block_q=block_q, block_k=block_k, window=win, sinks=snk, backend=backend,
                              interpret=interpret, bs=bs)
     return (out, lse) if return_lse else out
 
 
+@functools.partial(jax.jit, static_argnames=("T", "gamma", "tail", "batch"))
 def delta_rows(T: int, gamma: int, tail: int, lengths=None, batch: int = 1):
     """The exact rows of Delta Attention, int32 [B, ceil(T / gamma) + tail].
 

@@ -6,6 +6,8 @@ dtype if it is wider) with `precision=HIGHEST`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ def _widen(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+@jax.jit
 def masked_attention(q, k, v, mask):
     """softmax(q k^T / sqrt(d) + log mask) v. q [B, Tq, H, D], k/v [B, Tk, Hkv, D].
 
@@ -49,6 +52,7 @@ def sparse_mask(q_pos, k_len, window, sinks):
     return keep
 
 
+@functools.partial(jax.jit, static_argnames=("window", "sinks", "return_lse"))
 def sparse_attention_reference(q, k, v, *, window, sinks, return_lse=False):
     """Sliding window + sinks causal attention for every row."""
     B, T = q.shape[:2]
@@ -57,6 +61,7 @@ def sparse_attention_reference(q, k, v, *, window, sinks, return_lse=False):
     return (out, lse) if return_lse else out
 
 
+@functools.partial(jax.jit, static_argnames=("return_lse",))
 def exact_rows_reference(q, k, v, rows, *, return_lse=False):
     """Exact causal attention for the rows `rows` [B, R]; out [B, R, H, D], lse [B, H, R]."""
     qr = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)
@@ -64,6 +69,7 @@ def exact_rows_reference(q, k, v, rows, *, return_lse=False):
     return (out, lse) if return_lse else out
 
 
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "window", "sinks"))
 def block_sparse_reference(q, k, v, block_mask, *, block_q, block_k, window=None, sinks=0):
     """Causal attention restricted to key blocks.
 

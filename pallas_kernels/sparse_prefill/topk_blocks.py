@@ -7,11 +7,14 @@ group's heads, dotted with the mean key of the key block, per kv head.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "window", "sinks", "topk"))
 def select_blocks(q, k, *, block_q, block_k, window, sinks, topk):
     """Returns (indices int32 [B, Hkv, nQ, L], counts int32 [B, Hkv, nQ]), indices ascending.
 
