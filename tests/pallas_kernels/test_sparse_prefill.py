@@ -237,3 +237,13 @@ def test_bad_rows_and_block_lists():
     with pytest.raises(ValueError, match="block_k"):
         sp.block_sparse_attention(q, k, v, jnp.zeros((1, 1, 2, 2), jnp.int32), jnp.ones((1, 1, 2), jnp.int32),
                                   block_q=32, block_k=12, backend="xla")
+
+
+def test_tpu_kernels_lower_to_mosaic():
+    # Lowering only (no TPU here): Pallas -> Mosaic with the default TPU tiles.
+    from jax import export
+    q = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    fn = jax.jit(lambda q_, k_, v_: sp.delta_attention(q_, k_, v_, window=128, sinks=64, backend="tpu"))
+    exported = export.export(fn, platforms=["tpu"])(q, kv, kv)
+    assert "tpu_custom_call" in exported.mlir_module()
