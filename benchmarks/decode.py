@@ -52,12 +52,12 @@ def main(argv=None):
     env = common.environment()
     bw = None if a.smoke else common.hbm_bandwidth()
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(engine.state))
-    sel = tuple(x * cfg.num_layers // 28 for x in (2, 14, 22))
+    full, sel = ((0,), (1, 3)) if a.smoke else ((0, 1), tuple(x * cfg.num_layers // 28 for x in (2, 14, 22)))
     methods = {
         "dense_xla": DecodeConfig(method="dense"),
         "dense_pallas": DecodeConfig(method="dense", kernel="pallas"),
-        "delta": DecodeConfig(method="delta", selection_layers=sel),
-        "delta_pallas_full": DecodeConfig(method="delta", selection_layers=sel, kernel="pallas"),
+        "delta": DecodeConfig(method="delta", full_layers=full, selection_layers=sel),
+        "delta_pallas_full": DecodeConfig(method="delta", full_layers=full, selection_layers=sel, kernel="pallas"),
     }
     if a.smoke:
         methods = {k: dataclasses.replace(m, budget=4, recent=2) if m.method == "delta" else m

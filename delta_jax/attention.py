@@ -26,13 +26,18 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
 
 
 def dense_prefill(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Exact causal attention (cuDNN on the GPU where it applies, XLA elsewhere)."""
-    if q.dtype == jnp.float32 or jax.default_backend() != "gpu":
-        return _xla_causal(q, k, v)
-    try:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    except Exception:  # shapes or dtypes cuDNN does not take: XLA's fused path
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    """Exact causal attention: cuDNN for bf16 on the GPU, the Pallas flash kernel (window >= T) for
+    float32 on GPU/TPU, XLA on the CPU."""
+    backend = jax.default_backend()
+    if backend == "gpu" and q.dtype != jnp.float32:
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        except Exception:  # shapes cuDNN does not take: the Pallas kernel below
+            pass
+    if backend in ("gpu", "tpu"):
+        from pallas_kernels import sparse_prefill as pk
+        return pk.sparse_attention(q, k, v, window=q.shape[1], sinks=0)
+    return _xla_causal(q, k, v)
 
 
 def _xla_causal(q, k, v):

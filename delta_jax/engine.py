@@ -388,7 +388,7 @@ class Engine:
         _, decode = methods_from("dense", decode, params)
         seqs = [self.encode(p, chat) for p in ([prompts] if isinstance(prompts, str) else prompts)]
         tokens, lengths = self._batch(seqs, steps)
-        cache_len = _round_up(int(lengths.max()) + steps, max(decode.page_size, 128))
+        cache_len = _round_up(max(int(lengths.max()) + steps, tokens.shape[1]), max(decode.page_size, 128))
         roles = decode.schedule(self.config.num_layers)
         pre = self._compile(("prefill", tokens.shape, PrefillConfig(), cache_len),
                             self._prefill_fn(PrefillConfig(), cache_len), self.state, tokens, lengths)
@@ -400,7 +400,7 @@ class Engine:
             model = nnx.merge(graphdef, state)
             logits, cache, (mass, score, idx, valid) = model.decode(tok, pos, cache, decode, record=True)
             covered = jnp.sum(jnp.take_along_axis(mass, idx, -1) * valid, -1)          # [L, b]
-            oracle = jnp.sum(jax.lax.top_k(mass, budget)[0], -1)                        # [L, b]
+            oracle = jnp.sum(jax.lax.top_k(mass, min(budget, mass.shape[-1]))[0], -1)  # [L, b]
             sel = jax.vmap(lambda sc: select_pages(sc, pos + 1, page_size=ps, budget=budget,
                                                    recent=recent))(score)               # [L, b, budget]
             matrix = jnp.sum(jnp.take_along_axis(mass[None], sel[0][:, None], -1) * sel[1][:, None], -1)
@@ -418,6 +418,24 @@ class Engine:
             pos = pos + 1
         return {"roles": list(roles), "covered": np.mean(cov, axis=(0, 2)), "oracle": np.mean(orc, axis=(0, 2)),
                 "matrix": np.mean(mat, axis=0)}
+
+    def shift_cosines(self, tokens, *, prefill: Union[str, PrefillConfig], **params) -> np.ndarray:
+        """Cosine similarity `[layers, T, heads]` of each layer's attention output under `prefill` to
+        dense attention, each method running its own forward pass (the shift accumulates)."""
+        prefill, _ = methods_from(prefill, "dense", params)
+        seqs = [self.encode(tokens)]
+        toks, lengths = self._batch(seqs)
+        graphdef = self.graphdef
+
+        def fn(state, tokens, lengths):
+            model = nnx.merge(graphdef, state)
+            ref = model.prefill(tokens, lengths, PrefillConfig(), None, trace=True)[2][:, 0].astype(jnp.float32)
+            out = model.prefill(tokens, lengths, prefill, None, trace=True)[2][:, 0].astype(jnp.float32)
+            num = jnp.sum(ref * out, -1)
+            return num / jnp.maximum(jnp.linalg.norm(ref, axis=-1) * jnp.linalg.norm(out, axis=-1), 1e-30)
+
+        run = self._compile(("shift", toks.shape, prefill), fn, self.state, toks, lengths)
+        return np.asarray(run(self.state, toks, lengths))[:, :len(seqs[0])]
 
     def attention_outputs(self, tokens, *, prefill: Union[str, PrefillConfig] = "dense",
                           **params) -> np.ndarray:
