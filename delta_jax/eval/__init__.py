@@ -16,7 +16,8 @@ from delta_jax.eval.stats import accuracy_interval, bootstrap_interval, t_interv
 from delta_jax.eval.tasks import TASKS, Sample, make_samples, score_text
 
 __all__ = [
-    "TASKS", "Sample", "accuracy_interval", "depth_breakdown", "authors_proportions", "bootstrap_interval", "cosine_rows",
+    "TASKS", "Sample", "accuracy_interval", "authors_proportions", "bootstrap_interval", "cosine_rows",
+    "depth_breakdown",
     "kl_divergence", "kl_fidelity", "make_samples", "parse_method", "perplexity", "recall_samples",
     "run_eval", "run_fidelity", "run_shift", "run_sweep", "score_text", "shift_diagnostic",
     "spearman_rows", "sweep_methods", "t_interval", "wilson_interval",

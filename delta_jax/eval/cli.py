@@ -30,7 +30,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _add_common(p: argparse.ArgumentParser, lengths: str, samples: int, out: str):
-    p.add_argument("--lengths", type=_ints, default=_ints(lengths), help=f"prompt lengths in tokens (default {lengths})")
+    p.add_argument("--lengths", type=_ints, default=_ints(lengths),
+                   help=f"prompt lengths in tokens (default {lengths})")
     p.add_argument("--samples", type=int, default=samples, help=f"samples per point (default {samples})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=out, help=f"output folder (default {out})")

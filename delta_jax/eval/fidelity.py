@@ -147,8 +147,8 @@ def kl_fidelity(engine, methods: dict, *, length: int, samples: int = 8, seed: i
                 per[name]["kl_values"].append(float(kl[vmask].mean()))
                 per[name]["top1_agree"].append(float((lp.argmax(-1) == lq.argmax(-1)).mean()))
                 per[name]["value_top1"].append(_value_top1(res[i].last_logprobs, s, last))
-    out = {"length": length, "samples": len(texts), "pairs": pairs, "dense_value_top1": float(np.mean(dense_value_top1)),
-           "methods": {}}
+    out = {"length": length, "samples": len(texts), "pairs": pairs,
+           "dense_value_top1": float(np.mean(dense_value_top1)), "methods": {}}
     for name, d in per.items():
         out["methods"][name] = {
             "prefill": dataclasses.asdict(prefills[name]),

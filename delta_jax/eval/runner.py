@@ -22,7 +22,8 @@ Functions (keyword arguments only after the engine; a CLI calls them directly):
   attention outputs to dense (`shift.json`, `shift_<length>.png`).
 
 The result dict: `{"meta": {...}, "methods": {name: {length: {"prefill", "decode"}}}, "results": [row, ...],
-"table": markdown, "by_depth": depth_breakdown(...)}`, each row `{"method", "task", "length", "accuracy", "ci_low", "ci_high", "ci_method",
+"table": markdown, "by_depth": depth_breakdown(...)}`, each row `{"method", "task", "length", "accuracy",
+"ci_low", "ci_high", "ci_method",
 "hits", "total", "n", "mean_prompt_tokens", "mean_prefill_seconds", "samples": [per-sample records]}`.
 """
 

@@ -12,7 +12,8 @@ Tasks (`TASKS`):
 
 `make_samples(task, tokenizer, length=..., n=..., seed=...)` gives `Sample`s whose `tokens` (the prompt as
 fed to the model, chat-formatted when `chat=True`, ending in the answer prefix) number at most `length` and
-within 5% of it (short pad sentences close the context where filler units are coarse). Needle depths are stratified over `depth_range`, so `n` samples cover it evenly.
+within 5% of it (short pad sentences close the context where filler units are coarse). Needle depths are
+stratified over `depth_range`, so `n` samples cover it evenly.
 `score_text(pred, answers, metric)`: RULER's string matching: "all" is the fraction of expected values
 contained in the prediction (case-insensitive), "any" is 1 if any is.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import uuid
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 from delta_jax.eval.corpus import NOISE, filler_stream
 
