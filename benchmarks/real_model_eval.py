@@ -67,13 +67,10 @@ def stage_decode(engine, a, out):
         "delta_sel7": DecodeConfig(method="delta", selection_layers=tuple(range(2, n - 3, 4))),
         "delta_full4": DecodeConfig(method="delta", full_layers=(0, 1, 2, 3),
                                     selection_layers=tuple(x * n // 28 for x in (4, 12, 20))),
-        "delta_ref_b32": dataclasses.replace(ref, budget=32),
         "delta_ref_b128": dataclasses.replace(ref, budget=128),
-        "delta_ref_recent16": dataclasses.replace(ref, recent=16),
         "delta_sum": dataclasses.replace(ref, variant="sum"),
         "delta_cal3": DecodeConfig(method="delta", selection_layers=cal3),
         "delta_cal5": DecodeConfig(method="delta", selection_layers=cal5),
-        "delta_cal5_sum": DecodeConfig(method="delta", selection_layers=cal5, variant="sum"),
         "per_layer": dataclasses.replace(ref, variant="per_layer"),
         "recent_only": dataclasses.replace(ref, budget=8, recent=8),
     }
@@ -83,7 +80,7 @@ def stage_decode(engine, a, out):
                                               (("ref", (2, 15, 23)), ("cal3", cal3), ("cal5", cal5))}}}
     evalp = [s.tokens for s in tasks.make_samples("niah_multivalue_list", engine.tokenizer, length=cal_len,
                                                   n=8, seed=a.seed)]
-    for name in ("delta_ref", "delta_sel7", "delta_full4", "delta_sum", "delta_cal3", "delta_cal5"):
+    for name in ("delta_ref", "delta_cal5"):
         c = engine.coverage(evalp, decode=methods[name], steps=8)
         coverage[name] = {"roles": c["roles"], "covered": c["covered"].tolist(), "oracle": c["oracle"].tolist()}
         log(f"coverage {name}: mean covered {np.mean(c['covered']):.3f} oracle {np.mean(c['oracle']):.3f}")

@@ -35,8 +35,9 @@ def dense_prefill(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         except Exception:  # shapes cuDNN does not take: the Pallas kernel below
             pass
     if backend in ("gpu", "tpu"):
+        from delta_jax.delta import KERNEL_BACKEND
         from pallas_kernels import sparse_prefill as pk
-        return pk.sparse_attention(q, k, v, window=q.shape[1], sinks=0)
+        return pk.sparse_attention(q, k, v, window=q.shape[1], sinks=0, backend=KERNEL_BACKEND)
     return _xla_causal(q, k, v)
 
 

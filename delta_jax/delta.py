@@ -14,6 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from delta_jax.config import DecodeConfig, PrefillConfig
+import os
+
+# Kernel backend for the sparse methods: None picks Pallas on GPU/TPU and XLA on the CPU;
+# DELTA_JAX_KERNEL_BACKEND=xla forces the blockwise XLA path (fast to compile, same numerics).
+KERNEL_BACKEND = os.environ.get("DELTA_JAX_KERNEL_BACKEND") or None
 from pallas_kernels import delta_decode as dk
 from pallas_kernels import sparse_prefill as pk
 
@@ -36,14 +41,15 @@ def sparse_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
     b, t, h, d = q.shape
     window, sinks = min(method.window, t), min(method.sinks, t)
     if method.base == "topk_blocks":
-        backend = {"gpu": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "xla")
+        backend = KERNEL_BACKEND or {"gpu": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "xla")
         bs = pk.default_block_sizes(backend, d)
         idx, cnt = pk.select_blocks(q, k, block_q=bs.block_q, block_k=bs.block_k, window=window,
                                     sinks=sinks, topk=method.topk)
         sparse, lse = pk.block_sparse_attention(q, k, v, idx, cnt, block_q=bs.block_q, block_k=bs.block_k,
-                                                return_lse=True)
+                                                return_lse=True, backend=backend)
     else:
-        sparse, lse = pk.sparse_attention(q, k, v, window=window, sinks=sinks, return_lse=True)
+        sparse, lse = pk.sparse_attention(q, k, v, window=window, sinks=sinks, return_lse=True,
+                                           backend=KERNEL_BACKEND)
     tail, max_tail = tail_lengths(lengths, method, t)
     g = method.gamma
     n_strided = -(-t // g) if g is not None else 0
@@ -52,7 +58,7 @@ def sparse_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
     strided = jnp.broadcast_to(jnp.arange(n_strided, dtype=jnp.int32) * (g or 1), (b, n_strided))
     tail_rows = jnp.clip(lengths[:, None] - max_tail + jnp.arange(max_tail, dtype=jnp.int32)[None, :], 0, t - 1)
     rows = jnp.concatenate([strided, tail_rows], axis=1)
-    exact, exact_lse = pk.exact_rows_attention(q, k, v, rows, return_lse=True)
+    exact, exact_lse = pk.exact_rows_attention(q, k, v, rows, return_lse=True, backend=KERNEL_BACKEND)
     exact_s, exact_t = exact[:, :n_strided], exact[:, n_strided:]
 
     pos = jnp.arange(t, dtype=jnp.int32)
@@ -169,19 +175,19 @@ def delta_decode(q: jax.Array, kc: jax.Array, vc: jax.Array, lengths: jax.Array,
     """
     ps, budget, recent = method.page_size, method.budget, method.recent
     if method.variant == "per_layer":
-        _, scores = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=ps)
+        _, scores = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=ps, backend=KERNEL_BACKEND)
         own = dk.select_pages(scores, lengths, page_size=ps, budget=budget, recent=recent)
-        return dk.sparse_decode_attention(q, kc, vc, *own, lengths, page_size=ps), own
+        return dk.sparse_decode_attention(q, kc, vc, *own, lengths, page_size=ps, backend=KERNEL_BACKEND), own
     if role == "selection":
         if method.variant == "sum":
-            out = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=ps)[0]
+            out = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=ps, backend=KERNEL_BACKEND)[0]
             scores = page_mass(q, kc, lengths, ps)
         else:
-            out, scores = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=ps)
+            out, scores = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=ps, backend=KERNEL_BACKEND)
         return out, dk.select_pages(scores, lengths, page_size=ps, budget=budget, recent=recent)
     if selection is None:
         raise ValueError("a sparse decode layer needs a selection layer before it")
-    return dk.sparse_decode_attention(q, kc, vc, *selection, lengths, page_size=ps), selection
+    return dk.sparse_decode_attention(q, kc, vc, *selection, lengths, page_size=ps, backend=KERNEL_BACKEND), selection
 
 
 def page_stats(q: jax.Array, kc: jax.Array, lengths: jax.Array, page_size: int):
