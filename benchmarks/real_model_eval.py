@@ -35,7 +35,7 @@ from delta_jax.eval.methods import authors_proportions  # noqa: E402
 W, S, G = 256, 16, 64
 
 
-def prefill_methods(window=W, sinks=S, gamma=G, variants=("shrink", "fitted")) -> dict:
+def prefill_methods(window=W, sinks=S, gamma=G, variants=("shrink",)) -> dict:
     out = {
         "window": PrefillConfig(method="window", window=window, sinks=sinks, gamma=None, tail=0),
         "recompute": PrefillConfig(method="window", window=window, sinks=sinks, gamma=gamma),
@@ -80,7 +80,7 @@ def stage_decode(engine, a, out):
                                               (("ref", (2, 15, 23)), ("cal3", cal3), ("cal5", cal5))}}}
     evalp = [s.tokens for s in tasks.make_samples("niah_multivalue_list", engine.tokenizer, length=cal_len,
                                                   n=8, seed=a.seed)]
-    for name in ("delta_ref", "delta_cal5"):
+    for name in () if a.skip_coverage else ("delta_ref", "delta_cal5"):
         c = engine.coverage(evalp, decode=methods[name], steps=8)
         coverage[name] = {"roles": c["roles"], "covered": c["covered"].tolist(), "oracle": c["oracle"].tolist()}
         log(f"coverage {name}: mean covered {np.mean(c['covered']):.3f} oracle {np.mean(c['oracle']):.3f}")
@@ -95,11 +95,13 @@ def stage_decode(engine, a, out):
 def stage_prefill(engine, a, out):
     methods = {"dense": PrefillConfig(), **prefill_methods()}
     lengths = [int(x) for x in a.lengths.split(",")]
-    res = runner.run_eval(engine, tasks=a.prefill_tasks.split(","), lengths=lengths, methods=methods,
-                          samples=a.samples, seed=a.seed, out_dir=os.path.join(out, "tasks"), progress=False,
-                          batch_size=a.batch_size)
-    print(res["table"], flush=True)
-    fid = fidelity.run_fidelity(engine, methods=methods, lengths=lengths, samples=a.samples, seed=a.seed,
+    if a.prefill_tasks:
+        res = runner.run_eval(engine, tasks=a.prefill_tasks.split(","), lengths=lengths, methods=methods,
+                              samples=a.samples, seed=a.seed, out_dir=os.path.join(out, "tasks"), progress=False,
+                              batch_size=a.batch_size)
+        print(res["table"], flush=True)
+    fl = [int(x) for x in (a.fidelity_lengths or a.lengths).split(",")]
+    fid = fidelity.run_fidelity(engine, methods=methods, lengths=fl, samples=a.samples, seed=a.seed,
                                 batch_size=a.batch_size, out_dir=os.path.join(out, "fidelity"), progress=False)
     for r in fid["kl"]:
         for name, m in r["methods"].items():
@@ -145,6 +147,8 @@ def stage_shift(engine, a, out):
                            os.path.join(out, f"shift_{n}.png"), ylabel="mean cosine to dense",
                            title=f"SmolLM2-135M, {n} tokens, window {W}, sinks {S}, gamma {G}")
         report.write_json(result, os.path.join(out, "shift.json"))
+    if a.sweep_length not in lengths:
+        return
     kl_methods = {"dense": PrefillConfig(), **{k: v for k, v in sweep.items()}}
     fid = fidelity.run_fidelity(engine, methods=kl_methods, lengths=[a.sweep_length], samples=a.samples,
                                 seed=a.seed, batch_size=a.batch_size, out_dir=os.path.join(out, "sweep_fidelity"),
@@ -170,6 +174,8 @@ def main(argv=None):
     ap.add_argument("--prefill-tasks", default="niah_single,niah_multikey_2,niah_multikey_3,niah_multivalue,"
                                                "variable_tracking")
     ap.add_argument("--out", default="runs/real")
+    ap.add_argument("--skip-coverage", action="store_true")
+    ap.add_argument("--fidelity-lengths", default=None, help="lengths for KL/perplexity (default --lengths)")
     a = ap.parse_args(argv)
     engine = Engine.from_pretrained(a.model, dtype=a.dtype)
     out = os.path.join(a.out, a.stage)
