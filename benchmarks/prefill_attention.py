@@ -17,7 +17,6 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -29,18 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pallas_kernels import sparse_prefill as sp  # noqa: E402
 from pallas_kernels.sparse_prefill import reference as ref  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 
 def time_fn(fn, *args, reps=5, warmup=1):
     """Median seconds over `reps` calls after `warmup` calls (outputs blocked on)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return common.time_fn(fn, *args, reps=reps, warmup=warmup)
 
 
 def matmul_ceiling(n):

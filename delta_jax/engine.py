@@ -359,19 +359,25 @@ class Engine:
                             last_logprobs=None if lastlp is None else lastlp[i])
                 for i, s in enumerate(seqs)]
 
-    def logits(self, prompt, *, prefill: Union[str, PrefillConfig] = "dense", **params) -> np.ndarray:
-        """Float32 logits `[T, vocab]` at every position of one prompt."""
+    def _one_prompt(self, kind: str, prompt, prefill, params: dict, body) -> np.ndarray:
+        """Runs `body(model, tokens, lengths, prefill)` jit-compiled on one prompt; trims to its length
+        along axis `1` of the result when it is per-layer, else axis 0."""
         prefill, _ = methods_from(prefill, "dense", params)
         seqs = [self.encode(prompt)]
         toks, lengths = self._batch(seqs)
         graphdef = self.graphdef
 
         def fn(state, tokens, lengths):
-            model = nnx.merge(graphdef, state)
-            return model.logits(model.prefill(tokens, lengths, prefill, None)[0][0])
+            return body(nnx.merge(graphdef, state), tokens, lengths, prefill)
 
-        run = self._compile(("logits", toks.shape, prefill), fn, self.state, toks, lengths)
-        return np.asarray(run(self.state, toks, lengths))[:len(seqs[0])]
+        run = self._compile((kind, toks.shape, prefill), fn, self.state, toks, lengths)
+        out = np.asarray(run(self.state, toks, lengths))
+        return out[:len(seqs[0])] if kind == "logits" else out[:, :len(seqs[0])]
+
+    def logits(self, prompt, *, prefill: Union[str, PrefillConfig] = "dense", **params) -> np.ndarray:
+        """Float32 logits `[T, vocab]` at every position of one prompt."""
+        return self._one_prompt("logits", prompt, prefill, params, lambda model, tokens, lengths, pre:
+                                model.logits(model.prefill(tokens, lengths, pre, None)[0][0]))
 
     def coverage(self, prompts, *, decode: Union[str, DecodeConfig] = "delta", steps: int = 8,
                  chat: bool = False, **params) -> dict:
@@ -422,35 +428,20 @@ class Engine:
     def shift_cosines(self, tokens, *, prefill: Union[str, PrefillConfig], **params) -> np.ndarray:
         """Cosine similarity `[layers, T, heads]` of each layer's attention output under `prefill` to
         dense attention, each method running its own forward pass (the shift accumulates)."""
-        prefill, _ = methods_from(prefill, "dense", params)
-        seqs = [self.encode(tokens)]
-        toks, lengths = self._batch(seqs)
-        graphdef = self.graphdef
 
-        def fn(state, tokens, lengths):
-            model = nnx.merge(graphdef, state)
-            ref = model.prefill(tokens, lengths, PrefillConfig(), None, trace=True)[2][:, 0].astype(jnp.float32)
-            out = model.prefill(tokens, lengths, prefill, None, trace=True)[2][:, 0].astype(jnp.float32)
-            num = jnp.sum(ref * out, -1)
-            return num / jnp.maximum(jnp.linalg.norm(ref, axis=-1) * jnp.linalg.norm(out, axis=-1), 1e-30)
+        def body(model, toks, lengths, pre):
+            ref = model.prefill(toks, lengths, PrefillConfig(), None, trace=True)[2][:, 0].astype(jnp.float32)
+            out = model.prefill(toks, lengths, pre, None, trace=True)[2][:, 0].astype(jnp.float32)
+            norms = jnp.linalg.norm(ref, axis=-1) * jnp.linalg.norm(out, axis=-1)
+            return jnp.sum(ref * out, -1) / jnp.maximum(norms, 1e-30)
 
-        run = self._compile(("shift", toks.shape, prefill), fn, self.state, toks, lengths)
-        return np.asarray(run(self.state, toks, lengths))[:, :len(seqs[0])]
+        return self._one_prompt("shift", tokens, prefill, params, body)
 
     def attention_outputs(self, tokens, *, prefill: Union[str, PrefillConfig] = "dense",
                           **params) -> np.ndarray:
         """Per-layer attention outputs (before o_proj) `[layers, T, heads, head_dim]` for one prompt."""
-        prefill, _ = methods_from(prefill, "dense", params)
-        seqs = [self.encode(tokens)]
-        toks, lengths = self._batch(seqs)
-        graphdef = self.graphdef
-
-        def fn(state, tokens, lengths):
-            model = nnx.merge(graphdef, state)
-            return model.prefill(tokens, lengths, prefill, None, trace=True)[2][:, 0].astype(jnp.float32)
-
-        run = self._compile(("trace", toks.shape, prefill), fn, self.state, toks, lengths)
-        return np.asarray(run(self.state, toks, lengths))[:, :len(seqs[0])]
+        return self._one_prompt("trace", tokens, prefill, params, lambda model, toks, lengths, pre:
+                                model.prefill(toks, lengths, pre, None, trace=True)[2][:, 0].astype(jnp.float32))
 
 
 def _round_up(n: int, m: int) -> int:
