@@ -13,8 +13,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from delta_jax.config import DecodeConfig, PrefillConfig
+import functools
 import os
+
+from jax.sharding import PartitionSpec as P
+
+from delta_jax import sharding
+from delta_jax.config import DecodeConfig, PrefillConfig
 
 # Kernel backend for the sparse methods: None picks Pallas on GPU/TPU and XLA on the CPU;
 # DELTA_JAX_KERNEL_BACKEND=xla forces the blockwise XLA path (fast to compile, same numerics).
@@ -35,9 +40,32 @@ def tail_lengths(lengths: jax.Array, method: PrefillConfig, t: int) -> tuple[jax
     return tail, min(t, g - 1 + max(128, g))
 
 
+def _head_axis(kv_heads: int, batch: int):
+    """The mesh, its head axis name and batch axis name when running per head shard, else None."""
+    mesh = sharding.current_mesh()
+    if mesh is None or mesh.shape["model"] == 1 or kv_heads % mesh.shape["model"]:
+        return None
+    return mesh, "model", ("data" if batch % mesh.shape["data"] == 0 else None)
+
+
 def sparse_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
                    method: PrefillConfig) -> jax.Array:
-    """`window` (sparse-only or recompute) and `delta` prefill. q `[b, T, H, D]` -> `[b, T, H, D]`."""
+    """`window` (sparse-only or recompute) and `delta` prefill. q `[b, T, H, D]` -> `[b, T, H, D]`.
+
+    Under a mesh whose `model` axis divides the KV heads, the kernels run per head shard in
+    `shard_map` (every step is per head; the batch goes over `data` where it divides).
+    """
+    axes = _head_axis(k.shape[2], q.shape[0])
+    if axes is None:
+        return _sparse_prefill(q, k, v, lengths, method)
+    mesh, model, data = axes
+    spec = P(data, None, model, None)
+    fn = sharding.shard_map(functools.partial(_sparse_prefill, method=method), mesh,
+                            in_specs=(spec, spec, spec, P(data)), out_specs=spec)
+    return fn(q, k, v, lengths)
+
+
+def _sparse_prefill(q, k, v, lengths, method: PrefillConfig):
     b, t, h, d = q.shape
     window, sinks = min(method.window, t), min(method.sinks, t)
     if method.base == "topk_blocks":
@@ -172,22 +200,47 @@ def delta_decode(q: jax.Array, kc: jax.Array, vc: jax.Array, lengths: jax.Array,
     Variants: "published"; "sum" (selection layers rank pages by the head-mean of the softmax
     instead of its head-max); "per_layer" (the upper bound for per-layer methods: every non-full
     layer picks its own pages from its own exact scores, then attends to them only).
+    Under a mesh whose `model` axis divides the KV heads, each shard attends with its own heads and
+    the head maximum (or mean) of the page scores is reduced across `model` before the selection,
+    so every shard keeps the same pages.
     """
+    axes = _head_axis(kc.shape[1], q.shape[0])
+    if axes is None:
+        return _delta_decode(q, kc, vc, lengths, selection, role=role, method=method, axis=None)
+    mesh, model, data = axes
+    heads, cache, row = P(data, model, None), P(data, model, None, None), P(data, None)
+    sel_spec = None if selection is None else (row, row)
+    fn = sharding.shard_map(functools.partial(_delta_decode, role=role, method=method, axis=model), mesh,
+                            in_specs=(heads, cache, cache, P(data), sel_spec),
+                            out_specs=(heads, (row, row)))
+    return fn(q, kc, vc, lengths, selection)
+
+
+def _delta_decode(q, kc, vc, lengths, selection, *, role, method: DecodeConfig, axis):
     ps, budget, recent = method.page_size, method.budget, method.recent
-    if method.variant == "per_layer":
-        _, scores = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=ps, backend=KERNEL_BACKEND)
-        own = dk.select_pages(scores, lengths, page_size=ps, budget=budget, recent=recent)
-        return dk.sparse_decode_attention(q, kc, vc, *own, lengths, page_size=ps, backend=KERNEL_BACKEND), own
-    if role == "selection":
+    kw = dict(page_size=ps, backend=KERNEL_BACKEND)
+
+    def select(q):
+        """Dense attention and the page selection from scores reduced over all heads of all shards."""
         if method.variant == "sum":
-            out = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=ps, backend=KERNEL_BACKEND)[0]
+            out = dk.decode_attention_with_page_scores(q, kc, vc, lengths, **kw)[0]
             scores = page_mass(q, kc, lengths, ps)
+            scores = scores if axis is None else jax.lax.pmean(scores, axis)
         else:
-            out, scores = dk.decode_attention_with_page_scores(q, kc, vc, lengths, page_size=ps, backend=KERNEL_BACKEND)
+            out, tmax = dk.decode_attention_with_page_scores(q, kc, vc, lengths, reduce_heads=False, **kw)
+            tmax = tmax.max(axis=1, keepdims=True)
+            tmax = tmax if axis is None else jax.lax.pmax(tmax, axis)
+            scores = dk.page_scores_from_token_maxima(tmax, ps)
         return out, dk.select_pages(scores, lengths, page_size=ps, budget=budget, recent=recent)
+
+    if method.variant == "per_layer":
+        _, own = select(q)
+        return dk.sparse_decode_attention(q, kc, vc, *own, lengths, **kw), own
+    if role == "selection":
+        return select(q)
     if selection is None:
         raise ValueError("a sparse decode layer needs a selection layer before it")
-    return dk.sparse_decode_attention(q, kc, vc, *selection, lengths, page_size=ps, backend=KERNEL_BACKEND), selection
+    return dk.sparse_decode_attention(q, kc, vc, *selection, lengths, **kw), selection
 
 
 def page_stats(q: jax.Array, kc: jax.Array, lengths: jax.Array, page_size: int):
