@@ -26,6 +26,12 @@ def _add_model(p: argparse.ArgumentParser):
                    help="weights and activations (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: the model's context)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,model=4 (default: all devices on model)")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host start-up: jax.distributed.initialize() (automatic on Cloud TPU; elsewhere "
+                        "give --coordinator, --num-processes, --process-id)")
+    p.add_argument("--coordinator", default=None, help="host:port of process 0 (with --distributed)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
 
 
 def _add_methods(p: argparse.ArgumentParser, decode: bool = True):
@@ -72,6 +78,10 @@ def _prompts(a: argparse.Namespace) -> list[str]:
 
 def _engine(a: argparse.Namespace):
     from delta_jax.engine import Engine
+    if getattr(a, "distributed", False):
+        import jax
+        jax.distributed.initialize(coordinator_address=a.coordinator, num_processes=a.num_processes,
+                                   process_id=a.process_id)
     return Engine.from_pretrained(a.model, dtype=a.dtype, max_seq_len=a.max_seq_len, mesh=a.mesh)
 
 
