@@ -25,6 +25,7 @@ from delta_jax.config import DecodeConfig, PrefillConfig
 # DELTA_JAX_KERNEL_BACKEND=xla forces the blockwise XLA path (fast to compile, same numerics).
 KERNEL_BACKEND = os.environ.get("DELTA_JAX_KERNEL_BACKEND") or None
 from pallas_kernels import delta_decode as dk
+from pallas_kernels import pick_backend
 from pallas_kernels import sparse_prefill as pk
 
 
@@ -69,7 +70,7 @@ def _sparse_prefill(q, k, v, lengths, method: PrefillConfig):
     b, t, h, d = q.shape
     window, sinks = min(method.window, t), min(method.sinks, t)
     if method.base == "topk_blocks":
-        backend = KERNEL_BACKEND or {"gpu": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "xla")
+        backend = pick_backend(KERNEL_BACKEND)
         bs = pk.default_block_sizes(backend, d)
         idx, cnt = pk.select_blocks(q, k, block_q=bs.block_q, block_k=bs.block_k, window=window,
                                     sinks=sinks, topk=method.topk)

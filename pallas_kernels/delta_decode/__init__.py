@@ -26,6 +26,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import pick_backend
+
 from . import gpu, tpu, xla
 from .common import page_scores_from_token_maxima, token_maxima
 from .selection import select
@@ -35,7 +37,6 @@ __all__ = [
     "sparse_decode_attention", "page_scores_from_token_maxima",
 ]
 
-BACKENDS = ("gpu", "tpu", "xla")
 _TARGET_PROGRAMS = 256  # gpu: programs per launch to aim for when choosing splits
 
 
@@ -82,13 +83,6 @@ def default_block_sizes(backend: str, head_dim: int = 128) -> BlockSizes:
     return BlockSizes()
 
 
-def _pick_backend(backend):
-    if backend is None:
-        platform = jax.default_backend()
-        return "gpu" if platform in ("gpu", "cuda", "rocm") else ("tpu" if platform == "tpu" else "xla")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    return backend
 
 
 def _check_cache(q, k_cache, v_cache, lengths, page_size):
@@ -119,7 +113,7 @@ def _check_cache(q, k_cache, v_cache, lengths, page_size):
 
 def _setup(q, k_cache, v_cache, lengths, page_size, backend, block_sizes):
     _check_cache(q, k_cache, v_cache, lengths, page_size)
-    backend = _pick_backend(backend)
+    backend = pick_backend(backend)
     D = q.shape[-1]
     if backend == "gpu":
         if not _is_pow2(D) or D < 16:

@@ -23,6 +23,8 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import pick_backend
 import numpy as np
 
 from . import gpu, tpu, xla
@@ -35,7 +37,6 @@ __all__ = [
 ]
 
 SUPPORTED_HEAD_DIMS = (64, 128)
-BACKENDS = ("gpu", "tpu", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,13 +80,6 @@ def default_block_sizes(backend: str, head_dim: int = 128, kind: str = "sparse")
     return BlockSizes(block_q=128, block_k=128, block_rows=128)
 
 
-def _pick_backend(backend):
-    if backend is None:
-        platform = jax.default_backend()
-        return "gpu" if platform in ("gpu", "cuda", "rocm") else ("tpu" if platform == "tpu" else "xla")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    return backend
 
 
 def _check_qkv(q, k, v):
@@ -205,7 +199,7 @@ def _attend_rows(q, k, v, rows, *, window, sinks, backend, interpret, bs, gather
 
 def _setup(q, k, v, backend, block_sizes, kind="sparse"):
     _check_qkv(q, k, v)
-    backend = _pick_backend(backend)
+    backend = pick_backend(backend)
     bs = block_sizes or default_block_sizes(backend, q.shape[-1], kind)
     return backend, bs
 
