@@ -8,25 +8,23 @@ rows and combines them per method and variant (cheap elementwise work).
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-
-import functools
-import os
-
 from jax.sharding import PartitionSpec as P
 
 from delta_jax import sharding
 from delta_jax.config import DecodeConfig, PrefillConfig
+from pallas_kernels import delta_decode as dk
+from pallas_kernels import pick_backend
+from pallas_kernels import sparse_prefill as pk
 
 # Kernel backend for the sparse methods: None picks Pallas on GPU/TPU and XLA on the CPU;
 # DELTA_JAX_KERNEL_BACKEND=xla forces the blockwise XLA path (fast to compile, same numerics).
 KERNEL_BACKEND = os.environ.get("DELTA_JAX_KERNEL_BACKEND") or None
-from pallas_kernels import delta_decode as dk
-from pallas_kernels import pick_backend
-from pallas_kernels import sparse_prefill as pk
 
 
 def tail_lengths(lengths: jax.Array, method: PrefillConfig, t: int) -> tuple[jax.Array, int]:
