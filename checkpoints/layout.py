@@ -10,9 +10,9 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from .io import CheckpointError, host_array, numpy_dtype
+from delta_jax.config import ConfigError, ModelConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from .io import CheckpointError, host_array, numpy_dtype
 
 _TOP = {
     "model.embed_tokens.weight": ("embed", "embedding"),
@@ -54,31 +54,26 @@ def tree_path(hf_name: str) -> Optional[tuple[str, ...]]:
     return None
 
 
-def _require(cfg: dict, key: str):
-    if cfg.get(key) is None:
-        raise CheckpointError(f"config.json lacks {key!r}")
-    return cfg[key]
-
-
 def check_config(cfg: dict) -> dict:
-    """Validates a HF config dict for conversion and returns a copy with the switches made explicit
-    (`tie_word_embeddings`, `attention_bias`, `head_dim`, `num_key_value_heads`)."""
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"unsupported hidden_act {cfg.get('hidden_act')!r}; only 'silu' is supported")
+    """Validates a HF config dict for conversion (the model's own rules, `ModelConfig.from_hf`) and
+    returns a copy with the switches made explicit (`tie_word_embeddings`, `attention_bias`,
+    `head_dim`, `num_key_value_heads`)."""
+    try:
+        mc = ModelConfig.from_hf(cfg)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    except (KeyError, TypeError):
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if cfg.get(k) is None]
+        raise CheckpointError(f"config.json lacks {missing[0]!r}" if missing else
+                              f"config.json has malformed sizes: {cfg}") from None
     if cfg.get("mlp_bias"):
         raise CheckpointError("mlp_bias=true is not supported")
-    out = dict(cfg)
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        out[key] = int(_require(cfg, key))
-    out["num_key_value_heads"] = int(cfg.get("num_key_value_heads") or out["num_attention_heads"])
-    out["head_dim"] = int(cfg.get("head_dim") or out["hidden_size"] // out["num_attention_heads"])
-    out["attention_bias"] = bool(cfg.get("attention_bias", model_type == "qwen2"))
-    out["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
-    return out
+    return {**cfg, "vocab_size": mc.vocab_size, "hidden_size": mc.hidden_size,
+            "intermediate_size": mc.intermediate_size, "num_hidden_layers": mc.num_layers,
+            "num_attention_heads": mc.num_heads, "num_key_value_heads": mc.num_kv_heads,
+            "head_dim": mc.head_dim, "attention_bias": mc.attention_bias,
+            "tie_word_embeddings": mc.tie_embeddings}
 
 
 def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:

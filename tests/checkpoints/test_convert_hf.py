@@ -265,3 +265,16 @@ def test_peak_memory_about_one_copy(tmp_path):
     m = _json.loads(r.stdout.strip().splitlines()[-1])
     assert nbytes > 70e6
     assert m["peak"] - m["before"] < 1.4 * nbytes, (m, nbytes)
+
+
+def test_check_config_follows_the_model_rules():
+    from checkpoints.io import CheckpointError
+    from checkpoints.layout import check_config
+    base = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    # transformers >= 5 writes attention_bias: null for Qwen2, whose q/k/v projections do have biases
+    assert check_config({**base, "model_type": "qwen2", "attention_bias": None})["attention_bias"] is True
+    assert check_config({**base, "model_type": "llama"})["attention_bias"] is False
+    with pytest.raises(CheckpointError, match="lacks 'hidden_size'"):
+        check_config({**base, "model_type": "llama", "hidden_size": None})
+    with pytest.raises(CheckpointError, match="unsupported model_type 'gpt2'"):
+        check_config({**base, "model_type": "gpt2"})
