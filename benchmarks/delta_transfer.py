@@ -7,6 +7,11 @@ rows whose window misses context, the median relative error ||c(t) - c(t - d)|| 
 fraction of rows the transferred correction helps, for lags d up to gamma; and the far mass
 m(t) = 1 - Z_window(t) / Z_dense(t) with its row-to-row change.
 
+Since dense(t) = (1 - m(t)) sparse(t) + m(t) far(t), the correction is c(t) = m(t) far(t) - m(t) sparse(t):
+a far term and a local term. The transfer error c(t) - c(t - d) splits the same way; the script reports
+the median size of each part relative to ||c(t)||, which tests the hypothesis that the sampled row's
+own local term, -m(r) sparse(r), is what fails to transfer.
+
     python benchmarks/delta_transfer.py --lengths 2048 --samples 4 --out benchmarks/results
 """
 
@@ -52,13 +57,17 @@ def layer_stats(engine, ids, window, sinks):
             a = dense_prefill(q, k, v).astype(jnp.float32)
             s, lse_s = pk.sparse_attention(q, k, v, window=window, sinks=sinks, return_lse=True)
             _, lse_d = pk.exact_rows_attention(q, k, v, pos, return_lse=True)
-            far = 1 - jnp.exp(lse_s - lse_d)[0][:, rows]                       # [H, R]
+            m = 1 - jnp.exp(lse_s - lse_d)[0].T                                 # [T, H]
+            far = m[rows].T                                                    # [H, R]
             c = (a - s.astype(jnp.float32))[0]                                 # [T, H, D]
+            local = m[..., None] * s[0].astype(jnp.float32)                    # [T, H, D]: m(t) sparse(t)
             nc = jnp.linalg.norm(c[rows], axis=-1)                             # [R, H]
             per_lag = []
             for d in LAGS:
-                err = jnp.linalg.norm(c[rows] - c[rows - d], axis=-1) / (nc + 1e-12)
-                per_lag.append((jnp.median(err), jnp.mean(err < 1), jnp.median(err, axis=0)))
+                rel = lambda x: jnp.linalg.norm(x[rows] - x[rows - d], axis=-1) / (nc + 1e-12)  # noqa: E731
+                err = rel(c)
+                per_lag.append((jnp.median(err), jnp.mean(err < 1), jnp.median(err, axis=0),
+                                jnp.median(rel(c + local)), jnp.median(rel(local))))
             out.append((far.mean(), jnp.abs(jnp.diff(far, axis=1)).mean(), per_lag))
             x = x + layer.attn.out(a.astype(x.dtype))
             x = x + layer.mlp(layer.mlp_norm(x))
@@ -92,14 +101,18 @@ def main(argv=None):
             dfar = float(np.mean([s[li][1] for s in per_sample]))
             lags = {str(d): {"median_rel_error": float(np.mean([s[li][2][j][0] for s in per_sample])),
                              "helped": float(np.mean([s[li][2][j][1] for s in per_sample])),
-                             "per_head_median_rel_error": np.mean([s[li][2][j][2] for s in per_sample], 0).tolist()}
+                             "per_head_median_rel_error": np.mean([s[li][2][j][2] for s in per_sample], 0).tolist(),
+                             "far_term_rel_change": float(np.mean([s[li][2][j][3] for s in per_sample])),
+                             "local_term_rel_change": float(np.mean([s[li][2][j][4] for s in per_sample]))}
                     for j, d in enumerate(LAGS)}
             layers.append({"far_mass": far, "far_mass_step": dfar, "lags": lags})
         result["lengths"][str(length)] = layers
-        print(f"T={length}: layer far-mass | median rel. error (fraction helped) at lags {LAGS}")
+        print(f"T={length}: layer far-mass | median rel. error (fraction helped) at lags {LAGS} "
+              f"| far / local term change at lag 32")
         for li, lay in enumerate(layers):
             print(f"{li:3d} {lay['far_mass']:.3f} | " + "  ".join(
-                f"{lay['lags'][str(d)]['median_rel_error']:.2f}({lay['lags'][str(d)]['helped']:.2f})" for d in LAGS))
+                f"{lay['lags'][str(d)]['median_rel_error']:.2f}({lay['lags'][str(d)]['helped']:.2f})" for d in LAGS)
+                + f" | {lay['lags']['32']['far_term_rel_change']:.2f} / {lay['lags']['32']['local_term_rel_change']:.2f}")
     path = common.write_json(result, a.out, "delta_transfer.json")
     print(f"wrote {path}")
 
