@@ -40,9 +40,9 @@ from delta_jax.eval import fidelity, report, runner, tasks  # noqa: E402
 from delta_jax.eval.methods import authors_proportions  # noqa: E402
 
 W, S, G = 256, 16, 64
-MAIN = "window,recompute,delta,delta_smooth,delta_shrink"
+MAIN = "window,recompute,delta,delta_smooth,delta_shrink,delta_taylor"
 SWEEP = ((128, 16, 64), (256, 16, 16), (256, 16, 64), (256, 64, 64), (1024, 16, 64), (1024, 64, 64))
-SWEEP_KINDS = "window,recompute,delta,delta_shrink"
+SWEEP_KINDS = "window,recompute,delta,delta_shrink,delta_taylor"
 
 
 def prefill_methods(window=W, sinks=S, gamma=G) -> dict[str, PrefillConfig]:
@@ -58,6 +58,7 @@ def prefill_methods(window=W, sinks=S, gamma=G) -> dict[str, PrefillConfig]:
         "delta": delta(),
         "delta_smooth": delta(smooth=True),
         "delta_shrink": delta(variant="shrink"),
+        "delta_taylor": delta(variant="taylor"),
         "delta_fitted": delta(variant="fitted"),
         "delta_gated": delta(variant="gated"),
         "delta_nd": delta(variant="nd"),
@@ -192,22 +193,28 @@ def plot_shift(per: dict, names, path, title):
 
 
 def run_kl_ppl(engine, jobs, recall_for, prose_for, clock, result, path, batch_size):
-    """KL over the recall tail and prose NLL per (length, name, config) job; dense NLL once per length."""
+    """KL over the recall tail and prose NLL per (length, name, config) job: one scoring pass per method
+    over both prompt sets, against dense scores made once per length."""
+    refs = {}
     for n, name, cfg in jobs:
         if clock.expired(f"fidelity {n} {name}"):
             continue
         t0 = time.time()
-        per = result["lengths"].setdefault(str(n), {"kl": {}, "nll": {}})
-        kl = fidelity.kl_fidelity(engine, {name: cfg}, length=n, texts=recall_for(n), batch_size=batch_size)
-        ppl = fidelity.perplexity(engine, {name: cfg}, length=n, texts=prose_for(n), batch_size=batch_size)
-        per["kl"][name] = kl["methods"][name]
-        per["dense_value_top1"] = kl["dense_value_top1"]
-        per["nll"].setdefault("dense", ppl["methods"]["dense"])
-        per["nll"][name] = ppl["methods"][name]
-        m = kl["methods"][name]["kl"]
+        recall, prose = recall_for(n), prose_for(n)
+        if n not in refs:
+            rr, rp = fidelity.score_sets(engine, PrefillConfig(), recall, prose, batch_size=batch_size)
+            refs[n] = rr, fidelity.nll_stats(rp, prose)
+            result["lengths"][str(n)] = {"kl": {}, "nll": {"dense": fidelity.nll_summary(
+                PrefillConfig(), refs[n][1], refs[n][1])}, "dense_value_top1": float(np.mean(
+                    [fidelity.value_top1(r.last_logprobs, s, r.last_logprobs.shape[0]) for r, s in zip(rr, recall)]))}
+        ref_recall, dense_nll = refs[n]
+        res_recall, res_prose = fidelity.score_sets(engine, cfg, recall, prose, batch_size=batch_size)
+        per = result["lengths"][str(n)]
+        per["kl"][name] = fidelity.kl_summary(cfg, fidelity.kl_stats(ref_recall, res_recall, recall))
+        per["nll"][name] = fidelity.nll_summary(cfg, fidelity.nll_stats(res_prose, prose), dense_nll)
+        m, nll = per["kl"][name]["kl"], per["nll"][name]["nll"]["mean"]
         log(f"fidelity {n} {name}: KL {m['mean']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}] "
-            f"NLL {ppl['methods'][name]['nll']['mean']:.3f} (dense {ppl['methods']['dense']['nll']['mean']:.3f}) "
-            f"({time.time() - t0:.0f}s)")
+            f"NLL {nll:.3f} (dense {per['nll']['dense']['nll']['mean']:.3f}) ({time.time() - t0:.0f}s)")
         report.write_json(result, path)
 
 
@@ -254,7 +261,7 @@ def stage_shift(engine, a, out, clock):
     jobs = [(n, name, pick(name)[name]) for n, name in _ordered(lengths, main)]
     for n in lengths:
         w34, s34 = authors_proportions(n)
-        jobs += [(n, f"{k} 3/4", v) for k, v in pick("recompute,delta,delta_shrink", w34, s34, G).items()]
+        jobs += [(n, f"{k} 3/4", v) for k, v in pick("recompute,delta,delta_shrink,delta_taylor", w34, s34, G).items()]
     jobs += [(n, name, pick(name)[name]) for n, name in _ordered(lengths, extra)]
     result = {"env": common.environment(), "window": W, "sinks": S, "gamma": G, "lengths": {},
               "skipped": clock.skipped}

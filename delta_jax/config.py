@@ -122,7 +122,7 @@ class ModelConfig:
             return cls.from_hf(json.load(f))
 
 
-PREFILL_VARIANTS = ("published", "nd", "mix", "gated", "shrink", "fitted")
+PREFILL_VARIANTS = ("published", "nd", "mix", "gated", "shrink", "fitted", "taylor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +137,9 @@ class PrefillConfig:
     with the sampled row's far output at the sampled row's far mass), "gated" (per-head gate by the
     agreement of consecutive deltas), "shrink" (per-head least-squares shrinkage of the delta toward
     zero, fitted on how well each sampled row's delta predicts the next one's), "fitted" (per-head,
-    per-lag least-squares weight of the sampled row's delta, fitted on the contiguous exact tail). `topk` key blocks per query block for `base="topk_blocks"`.
+    per-lag least-squares weight of the sampled row's delta, fitted on the contiguous exact tail), "taylor"
+    (each row's far attention from first-order bounds of the far log-partition at three sampled queries,
+    see `delta_jax.delta._taylor`). `topk` key blocks per query block for `base="topk_blocks"`.
     `dense_layers`: the first layers run dense attention (the HiP-style exact first layers).
     """
 

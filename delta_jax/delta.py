@@ -95,6 +95,9 @@ def _sparse_prefill(q, k, v, lengths, method: PrefillConfig):
         blk = pos // g                                           # [T]
         if method.method == "window":                            # recompute: exact rows, no correction
             out = jnp.where((pos % g == 0)[None, :, None, None], exact_s[:, blk], sparse)
+        elif method.variant == "taylor":
+            out = _taylor(q, k, v, sparse, lse, g, window, sinks)
+            out = jnp.where((pos % g == 0)[None, :, None, None], exact_s.astype(out.dtype)[:, blk], out)
         else:
             fit = None
             if method.variant == "fitted":
@@ -127,6 +130,84 @@ def _fit_lag_weights(sparse, exact_t, lengths, tail, max_tail, g):
     den = jnp.einsum("lt,btH->blH", ok.astype(jnp.float32), jnp.sum(c * c, -1))  # valid rows form a suffix
     alpha = jnp.clip(num / jnp.maximum(den, 1e-20), 0.0, 1.0)
     return alpha.at[:, 0].set(1.0)
+
+
+def _taylor(q, k, v, sparse, lse, g, window, sinks, row_chunk: int = 256):
+    """The `taylor` variant (ours). Row t in the block of sampled row r = t - t % gamma splits its keys in
+    three: its window and sinks (the sparse base: `sparse`, `lse [b, H, T]`), the band
+    `[r - window + 1, t - window]` that left its window since r (< gamma keys, attended exactly), and the far
+    keys `[sinks, r - window]`, shared by the whole block. For the far keys each anchor query q_a
+    (a in r - gamma, r, r + gamma) gives their exact log-partition lse_a, mean key mu_a and mean value F_a.
+    Log-sum-exp is convex in the query, so every tangent `lse_a + (q_t - q_a) . mu_a / sqrt(D)` is a lower
+    bound on row t's far log-partition (tight at q_t = q_a, short by KL(p_t || p_a) otherwise); the tightest
+    anchor gives the far weight and its F_a the far output, merged with the other two parts by their
+    softmax weights. Cost beyond the base: 3 exact passes over the far keys per block, and the band."""
+    b, t, h, d = q.shape
+    kvh, grp = k.shape[2], h // k.shape[2]
+    f32 = jnp.float32
+    prec = jax.lax.Precision.HIGHEST if q.dtype == f32 else None
+    scale = 1.0 / float(d) ** 0.5
+    n = -(-t // g)
+    qf, kf, vf = q.astype(f32), k.astype(f32), v.astype(f32)
+    # far statistics of each block's far keys under its three anchor queries, row chunks at a time
+    r = jnp.arange(n) * g
+    anchors = jnp.concatenate([jnp.maximum(r - g, 0), r, jnp.minimum(r + g, (n - 1) * g)])      # [3n]
+    hi = jnp.tile(r - window, 3)                                                                 # [3n]
+    pad = -(-3 * n // row_chunk) * row_chunk - 3 * n
+    anchors_p = jnp.pad(anchors, (0, pad)).reshape(-1, row_chunk)
+    hi_p = jnp.pad(hi, (0, pad), constant_values=-1).reshape(-1, row_chunk)
+    kv = jnp.concatenate([kf, vf], -1)                                                           # [b, T, KVH, 2D]
+
+    def far(args):
+        rows, top = args
+        qa = qf[:, rows].reshape(b, -1, kvh, grp, d)
+        sc = jnp.einsum("bnkgd,bskd->bnkgs", qa, kf, precision=prec) * scale
+        key = jnp.arange(t)
+        keep = (key[None, :] >= sinks) & (key[None, :] <= top[:, None])                          # [c, T]
+        sc = jnp.where(keep[None, :, None, None], sc, -jnp.inf)
+        mx = jnp.max(sc, -1, keepdims=True)
+        mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+        p = jnp.exp(sc - mx)
+        z = jnp.sum(p, -1, keepdims=True)
+        mean = jnp.einsum("bnkgs,bske->bnkge", p, kv, precision=prec) / jnp.maximum(z, 1e-30)
+        lse_a = jnp.where(z[..., 0] > 0, mx[..., 0] + jnp.log(jnp.maximum(z[..., 0], 1e-30)), -jnp.inf)
+        return lse_a.reshape(b, -1, h), mean.reshape(b, -1, h, 2 * d)
+
+    lse_a, mean = jax.lax.map(far, (anchors_p, hi_p))
+    lse_a = jnp.moveaxis(lse_a, 0, 1).reshape(b, -1, h)[:, :3 * n].reshape(b, 3, n, h)
+    mean = jnp.moveaxis(mean, 0, 1).reshape(b, -1, h, 2 * d)[:, :3 * n].reshape(b, 3, n, h, 2 * d)
+    blk = jnp.arange(t) // g
+    bounds = []
+    for i in range(3):
+        dq = qf - qf[:, anchors[i * n:(i + 1) * n]][:, blk]                                       # [b, T, H, D]
+        bounds.append(lse_a[:, i][:, blk] + jnp.sum(dq * mean[:, i, :, :, :d][:, blk], -1) * scale)
+    bounds = jnp.stack(bounds)                                                                   # [3, b, T, H]
+    best = jnp.argmax(jnp.where(jnp.isfinite(bounds), bounds, -1e30), 0)                        # [b, T, H]
+    lse_far = jnp.max(bounds, 0)
+    far_out = jnp.take_along_axis(mean[..., d:][:, :, blk], best[:, None, ..., None], 1)[:, 0]  # [b, T, H, D]
+    # the band: row r + i attends keys r - window + 1 + j for j < i (and >= sinks)
+    tp = n * g
+    qb = jnp.pad(qf, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, n, g, kvh, grp, d)
+    idx = (r[:, None] - window + 1 + jnp.arange(g)[None, :])                                     # [n, g]
+    kb, vb = kf[:, jnp.clip(idx, 0, t - 1)], vf[:, jnp.clip(idx, 0, t - 1)]                      # [b, n, g, KVH, D]
+    sc = jnp.einsum("bnikgd,bnjkd->bnkgij", qb, kb, precision=prec) * scale
+    keep = (jnp.arange(g)[None, :, None] > jnp.arange(g)[None, None, :]) & (idx >= sinks)[:, None, :] \
+        & (idx >= 0)[:, None, :]                                                                 # [n, i, j]
+    sc = jnp.where(keep[None, :, None, None], sc, -jnp.inf)
+    mx = jnp.max(sc, -1, keepdims=True)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    p = jnp.exp(sc - mx)
+    z = jnp.sum(p, -1, keepdims=True)
+    band = jnp.einsum("bnkgij,bnjkd->bnikgd", p / jnp.maximum(z, 1e-30), vb, precision=prec)
+    lse_band = jnp.where(z[..., 0] > 0, mx[..., 0] + jnp.log(jnp.maximum(z[..., 0], 1e-30)), -jnp.inf)
+    band = band.reshape(b, tp, h, d)[:, :t]
+    lse_band = jnp.moveaxis(lse_band, -1, 2).reshape(b, n, g, h).reshape(b, tp, h)[:, :t]
+    # merge the three parts by their partitions
+    parts = jnp.stack([jnp.swapaxes(lse, 1, 2), lse_band, lse_far])                              # [3, b, T, H]
+    top = jnp.max(parts, 0)
+    w = jnp.exp(parts - top[None])
+    w = w / jnp.sum(w, 0)[None]
+    return w[0][..., None] * sparse.astype(f32) + w[1][..., None] * band + w[2][..., None] * far_out
 
 
 def _correct(sparse, lse, exact_s, exact_lse, blk, tail_start, method: PrefillConfig, fit=None):

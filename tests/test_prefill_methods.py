@@ -30,7 +30,7 @@ def _dense(q, k, v):
     return dense_prefill(q, k, v)
 
 
-@pytest.mark.parametrize("variant", ["published", "nd", "mix", "gated", "shrink", "fitted"])
+@pytest.mark.parametrize("variant", ["published", "nd", "mix", "gated", "shrink", "fitted", "taylor"])
 def test_window_covering_the_prompt_gives_dense_logits(engine, variant):
     tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, 130).tolist()
     dense = engine.logits(tokens)
@@ -50,7 +50,7 @@ def test_published_delta_equals_the_kernel_level_delta_attention():
     np.testing.assert_allclose(np.asarray(delta.sparse_prefill(q, k, v, lengths, m)), np.asarray(ref), atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["published", "nd", "mix", "gated", "shrink", "fitted"])
+@pytest.mark.parametrize("variant", ["published", "nd", "mix", "gated", "shrink", "fitted", "taylor"])
 def test_sampled_rows_and_tail_are_exact(variant):
     q, k, v = _qkv(seed=1)
     lengths = jnp.asarray([150, 101], jnp.int32)
@@ -62,6 +62,30 @@ def test_sampled_rows_and_tail_are_exact(variant):
         np.testing.assert_allclose(out[b, rows], dense[rows], atol=2e-5)
         # rows elsewhere are not exact (the window misses context), so the check above is not vacuous
         assert np.max(np.abs(out[b, 40:n - 10] - dense[40:n - 10])) > 1e-3
+
+
+def test_taylor_is_exact_when_a_block_shares_its_sampled_query():
+    # every tangent bound is tight where the row's query equals the anchor's: with one query per block the
+    # far part, the band and the window merge into dense attention for every row
+    q, k, v = _qkv(seed=4)
+    q = q[:, (jnp.arange(150) // 16) * 16]
+    lengths = jnp.asarray([150, 150], jnp.int32)
+    m = PrefillConfig(method="delta", window=20, sinks=2, gamma=16, tail=10, variant="taylor")
+    np.testing.assert_allclose(np.asarray(delta.sparse_prefill(q, k, v, lengths, m)), np.asarray(_dense(q, k, v)),
+                               atol=2e-5)
+    published = PrefillConfig(method="delta", window=20, sinks=2, gamma=16, tail=10)
+    assert np.max(np.abs(np.asarray(delta.sparse_prefill(q, k, v, lengths, published))
+                         - np.asarray(_dense(q, k, v)))) > 1e-2
+
+
+def test_taylor_beats_published_delta_on_random_inputs():
+    q, k, v = _qkv(seed=5)
+    lengths = jnp.asarray([150, 150], jnp.int32)
+    dense = np.asarray(_dense(q, k, v))
+    err = {var: np.abs(np.asarray(delta.sparse_prefill(q, k, v, lengths, PrefillConfig(
+        method="delta", window=20, sinks=2, gamma=16, tail=10, variant=var))) - dense).mean()
+        for var in ("published", "taylor")}
+    assert err["taylor"] < err["published"]
 
 
 def test_recompute_and_sparse_only_modes():

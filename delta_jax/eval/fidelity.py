@@ -119,50 +119,96 @@ def _mean_ci(values) -> dict:
     return {"mean": m, "ci_low": lo, "ci_high": hi}
 
 
-def kl_fidelity(engine, methods: dict, *, length: int, samples: int = 8, seed: int = 0, pairs: int = 8,
-                batch_size: int = 8, texts: Optional[list[RecallSample]] = None) -> dict:
-    """KL(dense || method) of next-token distributions over the recall tail, per method (see module doc)."""
-    _check_length(engine, length)
-    texts = texts or recall_samples(engine.tokenizer, length=length, n=samples, seed=seed, pairs=pairs)
-    prefills = _prefills(methods, length)
-    dense = PrefillConfig(method="dense")
-    per = {name: {"kl": [], "kl_values": [], "top1_agree": [], "value_top1": []} for name in prefills}
-    dense_value_top1 = []
-    for batch in _batches(texts, batch_size):
-        last = max(s.tail for s in batch) + 1
-        toks = [s.tokens for s in batch]
-        ref = engine.score(toks, prefill=dense, last=last)
-        for i, s in enumerate(batch):
-            dense_value_top1.append(_value_top1(ref[i].last_logprobs, s, last))
-        for name, pre in prefills.items():
-            res = ref if pre.method == "dense" else engine.score(toks, prefill=pre, last=last)
-            for i, s in enumerate(batch):
-                k = s.tail + 1  # positions predicting every tail token, and the one after the text
-                lp, lq = ref[i].last_logprobs[-k:], res[i].last_logprobs[-k:]
-                kl = kl_divergence(lp, lq)
-                start = len(s.tokens) - k
-                values = set(s.value_positions)
-                vmask = np.array([start + j + 1 in values for j in range(k)])
-                per[name]["kl"].append(float(kl.mean()))
-                per[name]["kl_values"].append(float(kl[vmask].mean()))
-                per[name]["top1_agree"].append(float((lp.argmax(-1) == lq.argmax(-1)).mean()))
-                per[name]["value_top1"].append(_value_top1(res[i].last_logprobs, s, last))
-    out = {"length": length, "samples": len(texts), "pairs": pairs,
-           "dense_value_top1": float(np.mean(dense_value_top1)), "methods": {}}
-    for name, d in per.items():
-        out["methods"][name] = {
-            "prefill": dataclasses.asdict(prefills[name]),
-            "kl": _mean_ci(d["kl"]), "kl_values": _mean_ci(d["kl_values"]),
-            "top1_agree": float(np.mean(d["top1_agree"])), "value_top1": float(np.mean(d["value_top1"])),
-            "per_sample_kl": d["kl"]}
+def recall_last(texts: Sequence[RecallSample]) -> int:
+    """Positions whose full distribution the KL needs: every tail token's and the one after the text."""
+    return max(s.tail for s in texts) + 1
+
+
+def score_all(engine, seqs: Sequence, prefill: PrefillConfig, *, last: int = 0, batch_size: int = 8) -> list:
+    """`engine.score` over `seqs` in batches of `batch_size`."""
+    out = []
+    for batch in _batches(list(seqs), batch_size):
+        out += engine.score(batch, prefill=prefill, last=last)
     return out
 
 
-def _value_top1(last_logprobs: np.ndarray, s: RecallSample, last: int) -> float:
+def score_sets(engine, prefill: PrefillConfig, recall: Sequence[RecallSample], prose: Sequence, *,
+               batch_size: int = 8) -> tuple[list, list]:
+    """Scores the recall texts and the prose texts in one pass (one compiled shape when they share a
+    length): returns (recall scores, prose scores)."""
+    res = score_all(engine, [s.tokens for s in recall] + list(prose), prefill, last=recall_last(recall),
+                    batch_size=batch_size)
+    return res[:len(recall)], res[len(recall):]
+
+
+def kl_stats(ref: Sequence, res: Sequence, texts: Sequence[RecallSample]) -> dict:
+    """Per-sample KL(dense || method) over the recall tail (all positions, value positions), top-1 agreement
+    with dense and teacher-forced value accuracy, from score outputs of the two methods."""
+    out = {"kl": [], "kl_values": [], "top1_agree": [], "value_top1": []}
+    for r, q, s in zip(ref, res, texts):
+        last = r.last_logprobs.shape[0]
+        k = s.tail + 1  # positions predicting every tail token, and the one after the text
+        lp, lq = r.last_logprobs[-k:], q.last_logprobs[-k:]
+        kl = kl_divergence(lp, lq)
+        start = len(s.tokens) - k
+        values = set(s.value_positions)
+        vmask = np.array([start + j + 1 in values for j in range(k)])
+        out["kl"].append(float(kl.mean()))
+        out["kl_values"].append(float(kl[vmask].mean()))
+        out["top1_agree"].append(float((lp.argmax(-1) == lq.argmax(-1)).mean()))
+        out["value_top1"].append(value_top1(q.last_logprobs, s, last))
+    return out
+
+
+def kl_summary(prefill: PrefillConfig, stats: dict) -> dict:
+    """Means with t intervals of `kl_stats` output."""
+    return {"prefill": dataclasses.asdict(prefill), "kl": _mean_ci(stats["kl"]),
+            "kl_values": _mean_ci(stats["kl_values"]), "top1_agree": float(np.mean(stats["top1_agree"])),
+            "value_top1": float(np.mean(stats["value_top1"])), "per_sample_kl": stats["kl"]}
+
+
+def kl_fidelity(engine, methods: dict, *, length: int, samples: int = 8, seed: int = 0, pairs: int = 8,
+                batch_size: int = 8, texts: Optional[list[RecallSample]] = None,
+                reference: Optional[list] = None) -> dict:
+    """KL(dense || method) of next-token distributions over the recall tail, per method (see module doc).
+    `reference`: dense `score` outputs of `texts` with `last=recall_last(texts)`, if already computed."""
+    _check_length(engine, length)
+    texts = texts or recall_samples(engine.tokenizer, length=length, n=samples, seed=seed, pairs=pairs)
+    prefills = _prefills(methods, length)
+    last = recall_last(texts)
+    seqs = [s.tokens for s in texts]
+    ref = reference or score_all(engine, seqs, PrefillConfig(method="dense"), last=last, batch_size=batch_size)
+    out = {"length": length, "samples": len(texts), "pairs": pairs,
+           "dense_value_top1": float(np.mean([value_top1(r.last_logprobs, s, last) for r, s in zip(ref, texts)])),
+           "methods": {}}
+    for name, pre in prefills.items():
+        res = ref if pre.method == "dense" else score_all(engine, seqs, pre, last=last, batch_size=batch_size)
+        out["methods"][name] = kl_summary(pre, kl_stats(ref, res, texts))
+    return out
+
+
+def value_top1(last_logprobs: np.ndarray, s: RecallSample, last: int) -> float:
     """Fraction of value tokens that are the argmax of the prediction before them (teacher forcing)."""
     start = len(s.tokens) - last
     hits = [int(last_logprobs[v - 1 - start].argmax()) == s.tokens[v] for v in s.value_positions]
     return float(np.mean(hits))
+
+
+def nll_stats(res: Sequence, texts: Sequence, start_fraction: float = 0.5) -> list[float]:
+    """Per-text mean negative log-likelihood over positions `t >= start_fraction * len(text)`."""
+    out = []
+    for r, toks in zip(res, texts):
+        first = max(1, int(start_fraction * len(toks)))
+        out.append(float(-np.mean(np.asarray(r.logprobs, np.float64)[first - 1:])))
+    return out
+
+
+def nll_summary(prefill: PrefillConfig, nll: list, dense_nll: list) -> dict:
+    """Mean NLL and perplexity with t intervals, and the paired difference to dense."""
+    m, lo, hi = t_interval(nll)
+    return {"prefill": dataclasses.asdict(prefill), "nll": {"mean": m, "ci_low": lo, "ci_high": hi},
+            "perplexity": {"mean": math.exp(m), "ci_low": math.exp(lo), "ci_high": math.exp(hi)},
+            "nll_minus_dense": _mean_ci(np.asarray(nll) - np.asarray(dense_nll)), "per_sample_nll": nll}
 
 
 def perplexity(engine, methods: dict, *, length: int, samples: int = 4, seed: int = 0,
@@ -176,22 +222,11 @@ def perplexity(engine, methods: dict, *, length: int, samples: int = 4, seed: in
     texts = texts or prose_tokens(engine.tokenizer, length=length, n=samples, seed=seed)
     prefills = _prefills(methods, length)
     prefills.setdefault("dense", PrefillConfig(method="dense"))
-    nll = {name: [] for name in prefills}
-    for batch in _batches(texts, batch_size):
-        for name, pre in prefills.items():
-            res = engine.score(batch, prefill=pre)
-            for i, toks in enumerate(batch):
-                first = max(1, int(start_fraction * len(toks)))
-                nll[name].append(float(-np.mean(np.asarray(res[i].logprobs, np.float64)[first - 1:])))
+    nll = {name: nll_stats(score_all(engine, texts, pre, batch_size=batch_size), texts, start_fraction)
+           for name, pre in prefills.items()}
     out = {"length": length, "samples": len(texts), "start_fraction": start_fraction, "methods": {}}
     for name, v in nll.items():
-        m, lo, hi = t_interval(v)
-        diff = np.asarray(v) - np.asarray(nll["dense"])
-        out["methods"][name] = {
-            "prefill": dataclasses.asdict(prefills[name]),
-            "nll": {"mean": m, "ci_low": lo, "ci_high": hi},
-            "perplexity": {"mean": math.exp(m), "ci_low": math.exp(lo), "ci_high": math.exp(hi)},
-            "nll_minus_dense": _mean_ci(diff), "per_sample_nll": v}
+        out["methods"][name] = nll_summary(prefills[name], v, nll["dense"])
     return out
 
 
