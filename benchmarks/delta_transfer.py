@@ -18,6 +18,7 @@ own local term, -m(r) sparse(r), is what fails to transfer.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import sys
@@ -39,10 +40,15 @@ LAGS = (1, 2, 4, 8, 16, 32, 63)
 
 
 def layer_stats(engine, ids, window, sinks):
-    """Per layer: far mass mean, its mean row-to-row change, and per lag (median rel. error, helped)."""
+    """Per layer: far mass mean, its mean row-to-row change, and per lag (median rel. error, helped,
+    far-term and local-term change)."""
+    return jax.device_get(_stats_fn(engine, len(ids), window, sinks)(engine.state, jnp.asarray([ids], jnp.int32)))
+
+
+@functools.lru_cache(maxsize=None)
+def _stats_fn(engine, t, window, sinks):
+    """The jit-compiled statistics pass for prompts of `t` tokens (compiled once per length)."""
     from flax import nnx
-    model = nnx.merge(engine.graphdef, engine.state)
-    t = len(ids)
 
     @jax.jit
     def run(state, tokens):
@@ -73,8 +79,7 @@ def layer_stats(engine, ids, window, sinks):
             x = x + layer.mlp(layer.mlp_norm(x))
         return out
 
-    del model
-    return jax.device_get(run(engine.state, jnp.asarray([ids], jnp.int32)))
+    return run
 
 
 def main(argv=None):
