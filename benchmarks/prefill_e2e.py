@@ -30,6 +30,7 @@ def main(argv=None):
     ap.add_argument("--lens", default="32768,131072")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--methods", default="dense,window,delta", help="from dense, window, delta, delta_taylor")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     cfg = common.tiny() if a.smoke else common.llama31_8b()
@@ -40,7 +41,9 @@ def main(argv=None):
         "dense": PrefillConfig(method="dense"),
         "window": PrefillConfig(method="window", window=window, sinks=sinks, gamma=None, tail=0),
         "delta": PrefillConfig(method="delta", window=window, sinks=sinks, gamma=gamma),
+        "delta_taylor": PrefillConfig(method="delta", window=window, sinks=sinks, gamma=gamma, variant="taylor"),
     }
+    methods = {k: methods[k] for k in a.methods.split(",")}
     env = common.environment()
     rows = []
     for length in lens:
@@ -65,7 +68,8 @@ def main(argv=None):
             r["speedup_vs_dense"] = base["seconds"] / r["seconds"]
     result = {"env": env, "config": dataclasses.asdict(cfg),
               "methods": {k: dataclasses.asdict(m) for k, m in methods.items()}, "rows": rows}
-    name = "prefill_e2e_smoke" if a.smoke else "prefill_e2e"
+    name = "prefill_e2e_smoke" if a.smoke else ("prefill_e2e" if a.methods == "dense,window,delta"
+                                                 else "prefill_e2e_" + a.methods.replace(",", "_"))
     path = common.write_json(result, a.out, name + ".json")
     print(f"\nwrote {path}")
     print(f"{'method':8s} {'T':>7s} {'seconds':>9s} {'x dense':>8s}")
