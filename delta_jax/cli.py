@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from delta_jax.config import ConfigError
+from delta_jax.config import PREFILL_VARIANTS, ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -43,7 +43,7 @@ def _add_methods(p: argparse.ArgumentParser, decode: bool = True):
     g.add_argument("--tail", type=int, help="exact tail rows (default: T %% gamma + max(128, gamma))")
     g.add_argument("--smooth", action="store_true", default=None, help="interpolate between deltas")
     g.add_argument("--base", choices=["window", "topk_blocks"], help="sparse base of delta")
-    g.add_argument("--variant", help="correction variant of delta: published, nd, mix, gated")
+    g.add_argument("--variant", help="correction variant of delta: " + ", ".join(PREFILL_VARIANTS))
     g.add_argument("--topk", type=int, help="key blocks per query block for base topk_blocks (default 8)")
     g.add_argument("--dense-layers", type=int, help="first layers with dense prefill (default 0)")
     if decode:
