@@ -81,3 +81,19 @@ def test_perplexity_fake(fake_engine):
     assert diff == pytest.approx(np.log(fake_engine.vocab) - np.mean(nll), rel=1e-6)
     with pytest.raises(ValueError, match="start_fraction=1.5"):
         perplexity(fake_engine, methods, length=400, start_fraction=1.5)
+
+
+def test_one_pass_over_recall_and_prose_matches_the_separate_measures(fake_engine):
+    from delta_jax.eval import fidelity
+    window = PrefillConfig(method="window", window=40, sinks=10)
+    recall = recall_samples(fake_engine.tokenizer, length=500, n=3, seed=0, pairs=4)
+    prose = prose_tokens(fake_engine.tokenizer, length=500, n=2, seed=0)
+    ref_r, ref_p = fidelity.score_sets(fake_engine, PrefillConfig(), recall, prose, batch_size=2)
+    res_r, res_p = fidelity.score_sets(fake_engine, window, recall, prose, batch_size=4)
+    kl = fidelity.kl_summary(window, fidelity.kl_stats(ref_r, res_r, recall))
+    sep = kl_fidelity(fake_engine, {"w": window}, length=500, texts=recall)["methods"]["w"]
+    assert kl["per_sample_kl"] == pytest.approx(sep["per_sample_kl"], rel=1e-12) and kl["kl"]["mean"] > 0.1
+    nll = fidelity.nll_summary(window, fidelity.nll_stats(res_p, prose), fidelity.nll_stats(ref_p, prose))
+    ppl = perplexity(fake_engine, {"w": window}, length=500, texts=prose)["methods"]["w"]
+    assert nll["nll"]["mean"] == pytest.approx(ppl["nll"]["mean"], rel=1e-12)
+    assert nll["nll_minus_dense"]["mean"] == pytest.approx(ppl["nll_minus_dense"]["mean"], rel=1e-12)
