@@ -164,13 +164,8 @@ def _taylor(q, k, v, sparse, lse, g, window, sinks, row_chunk: int = 256):
         sc = jnp.einsum("bnkgd,bskd->bnkgs", qa, kf, precision=prec) * scale
         key = jnp.arange(t)
         keep = (key[None, :] >= sinks) & (key[None, :] <= top[:, None])                          # [c, T]
-        sc = jnp.where(keep[None, :, None, None], sc, -jnp.inf)
-        mx = jnp.max(sc, -1, keepdims=True)
-        mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-        p = jnp.exp(sc - mx)
-        z = jnp.sum(p, -1, keepdims=True)
-        mean = jnp.einsum("bnkgs,bske->bnkge", p, kv, precision=prec) / jnp.maximum(z, 1e-30)
-        lse_a = jnp.where(z[..., 0] > 0, mx[..., 0] + jnp.log(jnp.maximum(z[..., 0], 1e-30)), -jnp.inf)
+        p, lse_a = _softmax_lse(jnp.where(keep[None, :, None, None], sc, -jnp.inf))
+        mean = jnp.einsum("bnkgs,bske->bnkge", p, kv, precision=prec)
         return lse_a.reshape(b, -1, h), mean.reshape(b, -1, h, 2 * d)
 
     lse_a, mean = jax.lax.map(far, (anchors_p, hi_p))
@@ -193,13 +188,8 @@ def _taylor(q, k, v, sparse, lse, g, window, sinks, row_chunk: int = 256):
     sc = jnp.einsum("bnikgd,bnjkd->bnkgij", qb, kb, precision=prec) * scale
     keep = (jnp.arange(g)[None, :, None] > jnp.arange(g)[None, None, :]) & (idx >= sinks)[:, None, :] \
         & (idx >= 0)[:, None, :]                                                                 # [n, i, j]
-    sc = jnp.where(keep[None, :, None, None], sc, -jnp.inf)
-    mx = jnp.max(sc, -1, keepdims=True)
-    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-    p = jnp.exp(sc - mx)
-    z = jnp.sum(p, -1, keepdims=True)
-    band = jnp.einsum("bnkgij,bnjkd->bnikgd", p / jnp.maximum(z, 1e-30), vb, precision=prec)
-    lse_band = jnp.where(z[..., 0] > 0, mx[..., 0] + jnp.log(jnp.maximum(z[..., 0], 1e-30)), -jnp.inf)
+    p, lse_band = _softmax_lse(jnp.where(keep[None, :, None, None], sc, -jnp.inf))
+    band = jnp.einsum("bnkgij,bnjkd->bnikgd", p, vb, precision=prec)
     band = band.reshape(b, tp, h, d)[:, :t]
     lse_band = jnp.moveaxis(lse_band, -1, 2).reshape(b, n, g, h).reshape(b, tp, h)[:, :t]
     # merge the three parts by their partitions
@@ -208,6 +198,16 @@ def _taylor(q, k, v, sparse, lse, g, window, sinks, row_chunk: int = 256):
     w = jnp.exp(parts - top[None])
     w = w / jnp.sum(w, 0)[None]
     return w[0][..., None] * sparse.astype(f32) + w[1][..., None] * band + w[2][..., None] * far_out
+
+
+def _softmax_lse(sc):
+    """Softmax along the last axis and its log-partition; a row with no finite score gives p = 0, lse = -inf."""
+    mx = jnp.max(sc, -1, keepdims=True)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    p = jnp.exp(sc - mx)
+    z = jnp.sum(p, -1, keepdims=True)
+    lse = jnp.where(z[..., 0] > 0, mx[..., 0] + jnp.log(jnp.maximum(z[..., 0], 1e-30)), -jnp.inf)
+    return p / jnp.maximum(z, 1e-30), lse
 
 
 def _correct(sparse, lse, exact_s, exact_lse, blk, tail_start, method: PrefillConfig, fit=None):
