@@ -49,3 +49,15 @@ def test_greedy_generation_matches_transformers(models):
     n = min(len(ours), len(ref))
     assert ours[:n] == ref[:n] and n >= 7
     assert "Paris" in engine.tokenizer.decode(ours)
+
+
+def test_score_matches_transformers_logprobs(models):
+    engine, hf = models
+    ids = engine.tokenizer(TEXT * 2)["input_ids"][:160]
+    out = engine.score([ids], last=4)[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    expected = ref[np.arange(len(ids) - 1), ids[1:]]
+    assert out.logprobs.shape == (len(ids) - 1,)
+    assert np.max(np.abs(out.logprobs - expected)) < 2e-3
+    assert np.max(np.abs(out.last_logprobs - ref[-4:])) < 2e-3
