@@ -205,8 +205,7 @@ def run_kl_ppl(engine, jobs, recall_for, prose_for, clock, result, path, batch_s
             rr, rp = fidelity.score_sets(engine, PrefillConfig(), recall, prose, batch_size=batch_size)
             refs[n] = rr, fidelity.nll_stats(rp, prose)
             result["lengths"][str(n)] = {"kl": {}, "nll": {"dense": fidelity.nll_summary(
-                PrefillConfig(), refs[n][1], refs[n][1])}, "dense_value_top1": float(np.mean(
-                    [fidelity.value_top1(r.last_logprobs, s, r.last_logprobs.shape[0]) for r, s in zip(rr, recall)]))}
+                PrefillConfig(), refs[n][1], refs[n][1])}, "dense_value_top1": fidelity.mean_value_top1(rr, recall)}
         ref_recall, dense_nll = refs[n]
         res_recall, res_prose = fidelity.score_sets(engine, cfg, recall, prose, batch_size=batch_size)
         per = result["lengths"][str(n)]

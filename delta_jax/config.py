@@ -173,6 +173,9 @@ class PrefillConfig:
             raise ConfigError(f"unknown sparse base {self.base!r}; choose window or topk_blocks")
         if self.variant not in PREFILL_VARIANTS:
             raise ConfigError(f"unknown delta variant {self.variant!r}; choose one of {PREFILL_VARIANTS}")
+        if self.variant == "taylor" and self.base != "window":
+            raise ConfigError(f"variant 'taylor' needs base='window' (its band and far keys are defined by the "
+                              f"window), got base={self.base!r}")
         if self.dense_layers < 0:
             raise ConfigError(f"dense_layers must be >= 0, got {self.dense_layers}")
 

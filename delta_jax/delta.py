@@ -82,11 +82,14 @@ def _sparse_prefill(q, k, v, lengths, method: PrefillConfig):
     n_strided = -(-t // g) if g is not None else 0
     if n_strided == 0 and max_tail == 0:
         return sparse
-    strided = jnp.broadcast_to(jnp.arange(n_strided, dtype=jnp.int32) * (g or 1), (b, n_strided))
+    taylor = method.method == "delta" and method.variant == "taylor"  # its sampled rows come out exact
+    n_exact = 0 if taylor else n_strided
+    strided = jnp.broadcast_to(jnp.arange(n_exact, dtype=jnp.int32) * (g or 1), (b, n_exact))
     tail_rows = jnp.clip(lengths[:, None] - max_tail + jnp.arange(max_tail, dtype=jnp.int32)[None, :], 0, t - 1)
     rows = jnp.concatenate([strided, tail_rows], axis=1)
-    exact, exact_lse = pk.exact_rows_attention(q, k, v, rows, return_lse=True, backend=KERNEL_BACKEND)
-    exact_s, exact_t = exact[:, :n_strided], exact[:, n_strided:]
+    exact, exact_lse = (pk.exact_rows_attention(q, k, v, rows, return_lse=True, backend=KERNEL_BACKEND)
+                        if rows.shape[1] else (None, None))
+    exact_s, exact_t = (None, None) if exact is None else (exact[:, :n_exact], exact[:, n_exact:])
 
     pos = jnp.arange(t, dtype=jnp.int32)
     tail_start = (lengths - tail)[:, None]                       # [b, 1]
@@ -95,9 +98,8 @@ def _sparse_prefill(q, k, v, lengths, method: PrefillConfig):
         blk = pos // g                                           # [T]
         if method.method == "window":                            # recompute: exact rows, no correction
             out = jnp.where((pos % g == 0)[None, :, None, None], exact_s[:, blk], sparse)
-        elif method.variant == "taylor":
+        elif taylor:
             out = _taylor(q, k, v, sparse, lse, g, window, sinks)
-            out = jnp.where((pos % g == 0)[None, :, None, None], exact_s.astype(out.dtype)[:, blk], out)
         else:
             fit = None
             if method.variant == "fitted":
@@ -141,7 +143,8 @@ def _taylor(q, k, v, sparse, lse, g, window, sinks, row_chunk: int = 256):
     Log-sum-exp is convex in the query, so every tangent `lse_a + (q_t - q_a) . mu_a / sqrt(D)` is a lower
     bound on row t's far log-partition (tight at q_t = q_a, short by KL(p_t || p_a) otherwise); the tightest
     anchor gives the far weight and its F_a the far output, merged with the other two parts by their
-    softmax weights. Cost beyond the base: 3 exact passes over the far keys per block, and the band."""
+    softmax weights; a sampled row (its own anchor, no band) comes out exact. Cost beyond the base: 3 exact
+    passes over the far keys per block, and the band."""
     b, t, h, d = q.shape
     kvh, grp = k.shape[2], h // k.shape[2]
     f32 = jnp.float32

@@ -130,6 +130,7 @@ def test_topk_blocks_base_runs_in_the_model(engine):
 
 def test_bad_prefill_parameters():
     for kw, msg in ((dict(window=0), "window"), (dict(gamma=0), "gamma"), (dict(sinks=-1), "sinks"),
-                    (dict(variant="nope"), "variant"), (dict(base="nope"), "base")):
+                    (dict(variant="nope"), "variant"), (dict(base="nope"), "base"),
+                    (dict(variant="taylor", base="topk_blocks"), "taylor")):
         with pytest.raises(ConfigError, match=msg):
             PrefillConfig(method="delta", **kw)

@@ -179,12 +179,17 @@ def kl_fidelity(engine, methods: dict, *, length: int, samples: int = 8, seed: i
     seqs = [s.tokens for s in texts]
     ref = reference or score_all(engine, seqs, PrefillConfig(method="dense"), last=last, batch_size=batch_size)
     out = {"length": length, "samples": len(texts), "pairs": pairs,
-           "dense_value_top1": float(np.mean([value_top1(r.last_logprobs, s, last) for r, s in zip(ref, texts)])),
+           "dense_value_top1": mean_value_top1(ref, texts),
            "methods": {}}
     for name, pre in prefills.items():
         res = ref if pre.method == "dense" else score_all(engine, seqs, pre, last=last, batch_size=batch_size)
         out["methods"][name] = kl_summary(pre, kl_stats(ref, res, texts))
     return out
+
+
+def mean_value_top1(res: Sequence, texts: Sequence[RecallSample]) -> float:
+    """Mean over texts of `value_top1` from their score outputs."""
+    return float(np.mean([value_top1(r.last_logprobs, s, r.last_logprobs.shape[0]) for r, s in zip(res, texts)]))
 
 
 def value_top1(last_logprobs: np.ndarray, s: RecallSample, last: int) -> float:
