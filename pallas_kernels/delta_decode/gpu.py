@@ -1,19 +1,19 @@
-"""Pallas Triton (GPU) kernels for DELTA decode, flash-decoding style.
+"""Pallas Triton (GPU) kernels for DELTA decode over a paged KV cache, flash-decoding style.
 
 Both kernels run one program per (batch, kv head, split); the `group` query heads of the kv
 head share the program (q tile [Gp, head_dim], Gp = group padded to a power of two >= 16 for
-the tensor cores). Each program writes unnormalized partial results (o, m2, l) that
-`common.combine` merges across splits.
+the tensor cores). A program sees the kv head's whole page pool [num_pages, page_size, head_dim]
+and its sequence's page-table row, and gathers `pages_per_block` physical pages per step as one
+[pages_per_block * page_size, head_dim] tile. Each program writes unnormalized partial results
+(o, m2, l) that a second small kernel (or `common.combine`) merges across splits.
 
-- `dense`: a split is a contiguous chunk of the cache, walked in `block_k` token steps up to
-  the sequence length; it also stores the base-2 scaled logits of the real query heads (the
-  page scores are computed from them once the final lse is known).
-- `sparse`: a split is a run of the page selection; each step gathers `pages_per_block` pages
-  (their indices read inside the kernel; -1 marks an invalid entry) as one
-  [pages_per_block * page_size, head_dim] tile.
+- `dense`: a split is a run of logical pages, walked up to the sequence length only (no work
+  past it, none for an empty slot); with `logits` it also stores the base-2 scaled logits of the
+  real query heads (the page scores are computed from them once the final lse is known).
+- `sparse`: a split is a run of the page selection (logical pages, -1: not read), mapped
+  through the page table inside the kernel.
 
-The splits are merged by a second small kernel (one program per (batch, kv head)) when the
-group and the split count are powers of two, else by XLA ops.
+Tiles are chosen so that `smem_bytes` fits `SMEM_BYTES`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,27 @@ _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
 
 
+SMEM_BYTES = 224 * 1024  # Hopper: 227 KiB of shared memory per block
+
+
 def padded_group(group: int) -> int:
     return max(16, pl.next_power_of_2(group))
+
+
+def smem_bytes(rows: int, group: int, head_dim: int, itemsize: int, num_stages: int) -> int:
+    """Shared memory of one `dense` or `sparse` program with [rows, head_dim] k and v tiles of
+    `itemsize` bytes: num_stages pipelined copies of k and v, the q tile [Gp, head_dim], the
+    probabilities [Gp, rows] as a dot operand and the float32 accumulator [Gp, head_dim] (an upper
+    bound: Triton may keep the last two in registers)."""
+    gp = padded_group(group)
+    return (2 * num_stages * rows * head_dim * itemsize + gp * head_dim * itemsize + gp * rows * itemsize
+            + gp * head_dim * 4)
+
+
+def combine_smem_bytes(num_splits: int, group: int, head_dim: int) -> int:
+    """Shared memory of one combine program: the float32 partial outputs [num_splits, group,
+    head_dim] and their weights (an upper bound)."""
+    return num_splits * group * (head_dim + 2) * 4
 
 
 def _update(q, k, v, keep, carry, scale2, prec):
@@ -62,27 +81,37 @@ def _store_partials(o_ref, m_ref, l_ref, carry):
     l_ref[...] = l
 
 
-def _dense_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, s_ref, *,
-                  block_k, chunk, group, scale2, prec):
+def _dense_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *s_ref,
+                  pages_per_block, pages_per_split, group, scale2, prec):
     length = len_ref[0]
-    start = pl.program_id(2) * chunk
-    steps = jnp.clip(pl.cdiv(length - start, block_k), 0, chunk // block_k)
+    num_pages = table_ref.shape[0]
+    page_size = k_ref.shape[1]
+    block_k = pages_per_block * page_size
+    first = pl.program_id(2) * pages_per_split
+    steps = jnp.clip(pl.cdiv(pl.cdiv(length, page_size) - first, pages_per_block), 0,
+                     pages_per_split // pages_per_block)
     q = q_ref[...]
     gp, d = q.shape
+    pages = lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
     rows = lax.broadcasted_iota(jnp.int32, (gp, block_k), 0) < group
     cols = lax.broadcasted_iota(jnp.int32, (gp, block_k), 1)
 
     def body(i, carry):
-        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        keep = start + i * block_k + cols < length
-        carry, s = _update(q, k_ref[ks, :], v_ref[ks, :], keep, carry, scale2, prec)
-        plgpu.store(s_ref.at[:, ks], s, mask=rows)
+        start = pl.multiple_of(first + i * pages_per_block, pages_per_block)
+        ids = plgpu.load(table_ref.at[pl.ds(start, pages_per_block)], mask=start + pages < num_pages,
+                         other=0)
+        keep = start * page_size + cols < length
+        carry, s = _update(q, k_ref[ids].reshape(block_k, d), v_ref[ids].reshape(block_k, d), keep,
+                           carry, scale2, prec)
+        if s_ref:
+            plgpu.store(s_ref[0].at[:, pl.ds(pl.multiple_of(start * page_size, block_k), block_k)], s,
+                        mask=rows & keep)
         return carry
 
     _store_partials(o_ref, m_ref, l_ref, lax.fori_loop(0, steps, body, _init(gp, d)))
 
 
-def _sparse_kernel(len_ref, sel_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+def _sparse_kernel(len_ref, table_ref, sel_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
                    pages_per_block, steps, scale2, prec):
     length = len_ref[0]
     q = q_ref[...]
@@ -93,15 +122,15 @@ def _sparse_kernel(len_ref, sel_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *
 
     def body(i, carry):
         sel = sel_ref[pl.ds(pl.multiple_of(i * pages_per_block, pages_per_block), pages_per_block)]
-        ids = jnp.maximum(sel, 0)
-        pos = ids[:, None] * page_size + offs
-        keep = ((pos < length) & (sel >= 0)[:, None]).reshape(1, block_k)
-        k = k_ref[ids].reshape(block_k, d)
-        v = v_ref[ids].reshape(block_k, d)
-        carry, _ = _update(q, k, v, keep, carry, scale2, prec)
+        logical = jnp.maximum(sel, 0)
+        ids = table_ref[logical]
+        keep = ((logical[:, None] * page_size + offs < length) & (sel >= 0)[:, None]).reshape(1, block_k)
+        carry, _ = _update(q, k_ref[ids].reshape(block_k, d), v_ref[ids].reshape(block_k, d), keep,
+                           carry, scale2, prec)
         return carry
 
-    _store_partials(o_ref, m_ref, l_ref, lax.fori_loop(0, steps, body, _init(gp, d)))
+    _store_partials(o_ref, m_ref, l_ref,
+                    lax.fori_loop(0, jnp.where(length > 0, steps, 0), body, _init(gp, d)))
 
 
 def _combine_kernel(o_ref, m_ref, l_ref, out_ref, lse_ref):
@@ -126,6 +155,12 @@ def _pad_group(q):
     return jnp.pad(q, ((0, 0), (0, 0), (0, gp - G), (0, 0))), gp
 
 
+def _pool_spec(pages):
+    """The kv head's whole pool [num_pages, page_size, head_dim]; the kernels gather from it."""
+    _, P, page_size, D = pages.shape
+    return pl.BlockSpec((None, P, page_size, D), lambda b, h, j: (h, 0, 0, 0))
+
+
 def _partial_shapes(B, hkv, splits, gp, D):
     return [jax.ShapeDtypeStruct((B, hkv, splits, gp, D), jnp.float32),
             jax.ShapeDtypeStruct((B, hkv, splits, gp), jnp.float32),
@@ -140,9 +175,10 @@ def _partial_specs(gp, D):
 
 def _finish(o, m2, l, G, dtype, in_kernel, interpret):
     """Split partials -> out [B, Hkv, G, D] in dtype, lse2 [B, Hkv, G]: one small Pallas launch
-    when the tiles are powers of two (in_kernel), else XLA."""
+    when the tiles are powers of two and fit shared memory (in_kernel), else XLA."""
     B, hkv, n, gp, D = o.shape
-    if not (in_kernel and pl.next_power_of_2(G) == G and pl.next_power_of_2(n) == n):
+    if not (in_kernel and pl.next_power_of_2(G) == G and pl.next_power_of_2(n) == n
+            and combine_smem_bytes(n, G, D) <= SMEM_BYTES):
         out, lse2 = combine(o[..., :G, :], m2[..., :G], l[..., :G])
         return out.astype(dtype), lse2
     return pl.pallas_call(
@@ -161,67 +197,67 @@ def _finish(o, m2, l, G, dtype, in_kernel, interpret):
     )(o, m2, l)
 
 
-def dense(q, k, v, lengths, *, block_k, num_splits, num_warps, num_stages, combine_in_kernel=True,
-          interpret=False):
-    """q [B, Hkv, G, D], k/v [B, Hkv, S, D], lengths [B]; S % (num_splits * block_k) == 0.
+def dense(q, k_pages, v_pages, page_table, lengths, *, pages_per_block, num_splits, num_warps,
+          num_stages, combine_in_kernel=True, logits=True, interpret=False):
+    """q [B, Hkv, G, D], k/v_pages [Hkv, P, page_size, D], page_table int32 [B, pages_per_seq]
+    (in range), lengths int32 [B] (<= pages_per_seq * page_size).
 
-    Returns out [B, Hkv, G, D], lse2 [B, Hkv, G], logits2 [B, Hkv, Gp, S] (rows >= G and tokens
-    >= length unwritten)."""
+    Returns out [B, Hkv, G, D], lse2 [B, Hkv, G] and, with `logits`, logits2 [B, Hkv, G,
+    pages_per_seq * page_size] (tokens >= length unwritten), else None."""
     B, hkv, G, D = q.shape
-    S = k.shape[2]
-    chunk = S // num_splits
+    page_size = k_pages.shape[2]
+    pps = page_table.shape[1]
+    pages_per_split = pl.cdiv(pl.cdiv(pps, pages_per_block), num_splits) * pages_per_block
     qp, gp = _pad_group(q)
-    kernel = functools.partial(_dense_kernel, block_k=block_k, chunk=chunk, group=G,
-                               scale2=_scale2(D), prec=precision(q.dtype))
-    kv_spec = pl.BlockSpec((None, None, chunk, D), lambda b, h, j: (b, h, j, 0))
-    o, m2, l, s2 = pl.pallas_call(
+    kernel = functools.partial(_dense_kernel, pages_per_block=pages_per_block,
+                               pages_per_split=pages_per_split, group=G, scale2=_scale2(D),
+                               prec=precision(q.dtype))
+    out_specs, out_shape = _partial_specs(gp, D), _partial_shapes(B, hkv, num_splits, gp, D)
+    if logits:
+        out_specs.append(pl.BlockSpec((None, None, gp, pps * page_size), lambda b, h, j: (b, h, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((B, hkv, G, pps * page_size), jnp.float32))
+    o, m2, l, *s2 = pl.pallas_call(
         kernel,
         grid=(B, hkv, num_splits),
         in_specs=[pl.BlockSpec((None, 1), lambda b, h, j: (b, 0)),
+                  pl.BlockSpec((None, pps), lambda b, h, j: (b, 0)),
                   pl.BlockSpec((None, None, gp, D), lambda b, h, j: (b, h, 0, 0)),
-                  kv_spec, kv_spec],
-        out_specs=_partial_specs(gp, D) + [
-            pl.BlockSpec((None, None, gp, chunk), lambda b, h, j: (b, h, 0, j))],
-        out_shape=_partial_shapes(B, hkv, num_splits, gp, D) + [
-            jax.ShapeDtypeStruct((B, hkv, gp, S), jnp.float32)],
+                  _pool_spec(k_pages), _pool_spec(v_pages)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="delta_dense_decode",
-    )(lengths.reshape(B, 1), qp, k, v)
+        name="delta_paged_decode" + ("_logits" if logits else ""),
+    )(lengths.reshape(B, 1), page_table, qp, k_pages, v_pages)
     out, lse2 = _finish(o, m2, l, G, q.dtype, combine_in_kernel, interpret)
-    return out, lse2, s2
+    return out, lse2, (s2[0] if logits else None)
 
 
-def sparse(q, k, v, page_indices, page_valid, lengths, *, page_size, pages_per_block, num_splits,
-           num_warps, num_stages, combine_in_kernel=True, interpret=False):
-    """q [B, Hkv, G, D], k/v [B, Hkv, S, D], page_indices / page_valid [B, n] with
-    n % (num_splits * pages_per_block) == 0, lengths [B] -> out [B, Hkv, G, D]."""
+def sparse(q, k_pages, v_pages, page_table, sel, lengths, *, pages_per_block, num_splits, num_warps,
+           num_stages, combine_in_kernel=True, interpret=False):
+    """q [B, Hkv, G, D], k/v_pages [Hkv, P, page_size, D], page_table int32 [B, pages_per_seq]
+    (in range), sel int32 [B, n] logical pages in range or -1 (not read), n % (num_splits *
+    pages_per_block) == 0, lengths int32 [B] -> out [B, Hkv, G, D]."""
     B, hkv, G, D = q.shape
-    S = k.shape[2]
-    n = page_indices.shape[1]
-    per_split = n // num_splits
+    pps = page_table.shape[1]
+    per_split = sel.shape[1] // num_splits
     qp, gp = _pad_group(q)
-    num_pages = S // page_size
-    kp = k.reshape(B, hkv, num_pages, page_size, D)
-    vp = v.reshape(B, hkv, num_pages, page_size, D)
-    sel = jnp.where(page_valid, jnp.clip(page_indices, 0, num_pages - 1), -1)
-    sel = sel.reshape(B, num_splits, per_split)
     kernel = functools.partial(_sparse_kernel, pages_per_block=pages_per_block,
-                               steps=per_split // pages_per_block,
-                               scale2=_scale2(D), prec=precision(q.dtype))
-    page_spec = pl.BlockSpec((None, None, num_pages, page_size, D), lambda b, h, j: (b, h, 0, 0, 0))
-    sel_spec = pl.BlockSpec((None, None, per_split), lambda b, h, j: (b, j, 0))
+                               steps=per_split // pages_per_block, scale2=_scale2(D),
+                               prec=precision(q.dtype))
     o, m2, l = pl.pallas_call(
         kernel,
         grid=(B, hkv, num_splits),
-        in_specs=[pl.BlockSpec((None, 1), lambda b, h, j: (b, 0)), sel_spec,
+        in_specs=[pl.BlockSpec((None, 1), lambda b, h, j: (b, 0)),
+                  pl.BlockSpec((None, pps), lambda b, h, j: (b, 0)),
+                  pl.BlockSpec((None, None, per_split), lambda b, h, j: (b, j, 0)),
                   pl.BlockSpec((None, None, gp, D), lambda b, h, j: (b, h, 0, 0)),
-                  page_spec, page_spec],
+                  _pool_spec(k_pages), _pool_spec(v_pages)],
         out_specs=_partial_specs(gp, D),
         out_shape=_partial_shapes(B, hkv, num_splits, gp, D),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="delta_sparse_decode",
-    )(lengths.reshape(B, 1), sel, qp, kp, vp)
+        name="delta_paged_sparse_decode",
+    )(lengths.reshape(B, 1), page_table, sel.reshape(B, num_splits, per_split), qp, k_pages, v_pages)
     out, _ = _finish(o, m2, l, G, q.dtype, combine_in_kernel, interpret)
     return out

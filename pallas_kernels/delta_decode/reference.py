@@ -1,7 +1,9 @@
-"""Pure-JAX references (float32, exact dots) for the DELTA decode kernels.
+"""Pure-JAX references (float32, exact dots) for the DELTA decode kernels, over a CONTIGUOUS cache.
 
-Written independently of the kernels: dense softmax over the whole cache, token masks instead
-of gathers, a lexicographic sort instead of top_k.
+`k_cache, v_cache: [batch, kv_heads, max_seq, head_dim]` hold each sequence's logical tokens in
+order (the paged kernels are tested against these on the same logical cache). Written
+independently of the kernels: dense softmax over the whole cache, token masks instead of page
+gathers, a lexicographic sort instead of top_k.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ def _length_mask(lengths, S):
 def dense_decode_reference(q, k_cache, v_cache, lengths):
     """q [B, Hq, D], k/v_cache [B, Hkv, S, D], lengths [B] -> out float32 [B, Hq, D]."""
     return _attend(q, k_cache, v_cache, _length_mask(lengths, k_cache.shape[2]))
+
+
+def token_maxima_reference(q, k_cache, lengths):
+    """-> float32 [B, Hkv, S]: per kv head, the max over its group's query heads of the probability."""
+    B, _, S, _ = k_cache.shape
+    hkv = k_cache.shape[1]
+    p = _probs(q, k_cache, _length_mask(lengths, S))
+    return jnp.max(p.reshape(B, hkv, -1, S), axis=2)
 
 
 def page_scores_reference(q, k_cache, lengths, page_size):

@@ -1,5 +1,5 @@
-"""DELTA decode kernels (dense + page scores, page selection, sparse decode) against float64
-NumPy references, every backend in interpret mode on the CPU."""
+"""DELTA decode kernels over a fragmented paged KV cache against the contiguous-cache references
+(`reference.py`, themselves checked against float64 NumPy), every backend in interpret mode."""
 
 import math
 
@@ -7,69 +7,61 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.delta_decode import (BlockSizes, decode_attention_with_page_scores,
-                                         page_scores_from_token_maxima, reference, select_pages,
-                                         sparse_decode_attention)
+from pallas_kernels.delta_decode import (BlockSizes, default_block_sizes, gpu, page_scores_from_token_maxima,
+                                         paged_decode_attention, paged_sparse_decode_attention, reference,
+                                         select_pages)
 
 PS = 16
-S = 128  # 8 pages
+PPS = 9  # pages per sequence: not a multiple of the test's pages_per_block
+LENGTHS = (37, 0, PPS * PS, 100)  # a partial last page, an empty slot, a full table, another partial
 BACKENDS = ("xla", "gpu", "tpu")
-# (group, head_dim, dtype); every case has lengths not a multiple of page_size and one below
-# budget * page_size.
-CASES = [(1, 64, jnp.float32), (3, 128, jnp.float32), (8, 64, jnp.bfloat16)]
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # Small tiles so that the tests cross split and block boundaries.
-SMALL = {"gpu": BlockSizes(block_k=32, pages_per_block=2, num_splits=2),
-         "tpu": BlockSizes(block_k=32), "xla": None}
+SMALL = {"gpu": BlockSizes(pages_per_block=2, num_splits=2), "tpu": BlockSizes(pages_per_block=2), "xla": None}
+GARBAGE = 30.0  # scale of what lies past the lengths: read into a result, it would dominate it
 
 
-def _inputs(seed, group, head_dim, dtype, batch=3, hkv=2, lengths=(37, 100, 128)):
+def _paged(seed, group, head_dim, lengths=LENGTHS, pps=PPS, hkv=2, spare=6, dtype=jnp.float32):
+    """A logical contiguous cache and the same tokens in a shuffled pool shared by the batch.
+
+    -> q, k_pages, v_pages, page_table, lengths, k_cache, v_cache. Tokens past each length, unused
+    pool pages and the table entries past each length (random in-range pages, other sequences'
+    included) hold garbage."""
     rng = np.random.default_rng(seed)
-    q = rng.standard_normal((batch, hkv * group, head_dim)) * 1.5
-    k = rng.standard_normal((batch, hkv, S, head_dim))
-    v = rng.standard_normal((batch, hkv, S, head_dim))
-    q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
-    return q, k, v, jnp.asarray(lengths[:batch], jnp.int32)
+    B, S = len(lengths), pps * PS
+    q = rng.standard_normal((B, hkv * group, head_dim)) * 1.5
+    caches = [rng.standard_normal((B, hkv, S, head_dim)) for _ in range(2)]
+    past = np.arange(S)[None, :] >= np.asarray(lengths)[:, None]
+    for c in caches:
+        c[np.broadcast_to(past[:, None, :, None], c.shape)] = GARBAGE * rng.standard_normal(int(past.sum()) * hkv * head_dim)
+    P = B * pps + spare
+    pools = [GARBAGE * rng.standard_normal((hkv, P, PS, head_dim)) for _ in range(2)]
+    table = rng.permutation(P)[:B * pps].reshape(B, pps)
+    for b, n in enumerate(lengths):
+        used = -(-n // PS)
+        for pool, c in zip(pools, caches):
+            pool[:, table[b, :used]] = c[b, :, :used * PS].reshape(hkv, used, PS, head_dim)
+        table[b, used:] = rng.integers(0, P, pps - used)
+    q, k_pages, v_pages, k_cache, v_cache = (jnp.asarray(x, dtype) for x in (q, *pools, *caches))
+    return (q, k_pages, v_pages, jnp.asarray(table, jnp.int32), jnp.asarray(lengths, jnp.int32), k_cache,
+            v_cache)
 
 
-def _f64(x):
-    return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+def _rel(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(x))
+    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
 
+
+# ---------------------------------------------------------------- float64 NumPy, for the references
 
 def _np_probs(q, k, keep):
     """float64 softmax probabilities [B, Hq, S] over the tokens where keep [B, S]."""
     B, hq, D = q.shape
-    hkv = k.shape[1]
-    kk = np.repeat(k, hq // hkv, axis=1)
+    kk = np.repeat(k, hq // k.shape[1], axis=1)
     s = np.einsum("bhd,bhsd->bhs", q, kk) / math.sqrt(D)
     s = np.where(keep[:, None, :], s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     return p / p.sum(-1, keepdims=True)
-
-
-def _np_attend(q, k, v, keep):
-    p = _np_probs(q, k, keep)
-    vv = np.repeat(v, q.shape[1] // v.shape[1], axis=1)
-    return np.einsum("bhs,bhsd->bhd", p, vv)
-
-
-def _np_keep_dense(lengths, S):
-    return np.arange(S)[None, :] < np.asarray(lengths)[:, None]
-
-
-def _np_keep_pages(idx, valid, lengths, S, ps):
-    keep = np.zeros((len(lengths), S), bool)
-    for b in range(len(lengths)):
-        for p, ok in zip(idx[b], valid[b]):
-            if ok:
-                keep[b, p * ps:(p + 1) * ps] = True
-    return keep & _np_keep_dense(lengths, S)
-
-
-def _np_page_scores(q, k, lengths, ps):
-    p = _np_probs(q, k, _np_keep_dense(lengths, k.shape[2]))
-    tmax = p.max(axis=1)
-    return tmax.reshape(len(lengths), -1, ps).sum(-1)
 
 
 def _np_select(scores, lengths, ps, budget, recent):
@@ -87,61 +79,116 @@ def _np_select(scores, lengths, ps, budget, recent):
     return idx, valid
 
 
-def _rel(x, ref):
-    x = _f64(x)
-    assert np.all(np.isfinite(x))
-    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+def test_references_match_numpy():
+    lengths = (37, 128, 100)
+    q, _, _, _, ln, k, v = _paged(21, 4, 64, lengths=lengths, pps=8)
+    qd, kd, vd = (np.asarray(x, np.float64) for x in (q, k, v))
+    keep = np.arange(128)[None, :] < np.asarray(lengths)[:, None]
+    p = _np_probs(qd, kd, keep)
+    out = np.einsum("bhs,bhsd->bhd", p, np.repeat(vd, 4, axis=1))
+    np.testing.assert_allclose(reference.dense_decode_reference(q, k, v, ln), out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reference.token_maxima_reference(q, k, ln), p.reshape(3, 2, 4, 128).max(2),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(reference.page_scores_reference(q, k, ln, PS),
+                               p.max(1).reshape(3, 8, PS).sum(-1), rtol=1e-5, atol=1e-7)
+    idx, valid = np.array([[0, 2, 2], [1, 5, 7], [6, 0, 3]]), np.array([[1, 1, 0], [1, 1, 1], [1, 0, 1]], bool)
+    skeep = keep & np.stack([np.isin(np.arange(128) // PS, i[m]) for i, m in zip(idx, valid)])
+    sout = np.einsum("bhs,bhsd->bhd", _np_probs(qd, kd, skeep), np.repeat(vd, 4, axis=1))
+    np.testing.assert_allclose(reference.sparse_decode_reference(q, k, v, jnp.asarray(idx), jnp.asarray(valid),
+                                                                 ln, PS), sout, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- paged kernels
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group,head_dim", [(4, 64), (3, 32)])
+def test_paged_decode_all_score_modes(backend, group, head_dim):
+    q, kp, vp, table, lengths, kc, vc = _paged(1 + group, group, head_dim)
+    run = lambda scores: paged_decode_attention(q, kp, vp, table, lengths, scores=scores, backend=backend,
+                                                block_sizes=SMALL[backend], interpret=True)
+    ref_out = reference.dense_decode_reference(q, kc, vc, lengths)
+    out = run(None)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert _rel(out, ref_out) <= 1e-5
+    assert np.all(np.asarray(out)[1] == 0.0)  # the empty slot
+
+    out_p, scores = run("pages")
+    assert scores.shape == (4, PPS) and scores.dtype == jnp.float32
+    assert _rel(out_p, ref_out) <= 1e-5
+    np.testing.assert_allclose(scores, reference.page_scores_reference(q, kc, lengths, PS), rtol=1e-4, atol=1e-6)
+    s = np.asarray(scores)
+    assert np.all(s[0, 3:] == 0.0) and np.all(s[1] == 0.0) and np.all(s[3, 7:] == 0.0) and np.all(s[[0, 2, 3], 0] > 0)
+
+    out_t, tmax = run("tokens")
+    assert tmax.shape == (4, kp.shape[0], PPS * PS) and tmax.dtype == jnp.float32
+    assert _rel(out_t, ref_out) <= 1e-5
+    np.testing.assert_allclose(tmax, reference.token_maxima_reference(q, kc, lengths), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(page_scores_from_token_maxima(tmax, PS), scores, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("group,head_dim,dtype", CASES)
-def test_dense_decode_and_page_scores(backend, group, head_dim, dtype):
-    q, k, v, lengths = _inputs(1 + group, group, head_dim, dtype)
-    out, scores = decode_attention_with_page_scores(
-        q, k, v, lengths, page_size=PS, backend=backend, block_sizes=SMALL[backend], interpret=True)
+def test_paged_decode_default_blocks_single_token(backend):
+    """Default tile sizes, batch 1, a one-token sequence (its output is its value row)."""
+    q, kp, vp, table, lengths, kc, vc = _paged(7, 4, 64, lengths=(1,), pps=4)
+    out, scores = paged_decode_attention(q, kp, vp, table, lengths, scores="pages", backend=backend,
+                                         interpret=True)
+    expect = np.repeat(np.asarray(vc[:, :, :1]), 4, axis=1).reshape(q.shape)
+    np.testing.assert_allclose(out, expect, rtol=1e-6)
+    np.testing.assert_allclose(scores, np.eye(1, 4), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group,head_dim", [(4, 64), (3, 32)])
+def test_paged_sparse_decode(backend, group, head_dim):
+    q, kp, vp, table, lengths, kc, vc = _paged(11 + group, group, head_dim)
+    scores = reference.page_scores_reference(q, kc, lengths, PS)
+    idx, valid = select_pages(scores, lengths, page_size=PS, budget=4, recent=1)
+    assert not bool(valid[0].all()) and not bool(valid[1].any())  # padding; the empty slot
+    out = paged_sparse_decode_attention(q, kp, vp, table, idx, valid, lengths, backend=backend,
+                                        block_sizes=SMALL[backend], interpret=True)
     assert out.shape == q.shape and out.dtype == q.dtype
-    assert scores.shape == (3, S // PS) and scores.dtype == jnp.float32
-    qd, kd, vd = _f64(q), _f64(k), _f64(v)
-    ref = _np_attend(qd, kd, vd, _np_keep_dense(lengths, S))
-    assert _rel(out, ref) <= TOL[dtype]
-    ref_scores = _np_page_scores(qd, kd, lengths, PS)
-    np.testing.assert_allclose(_f64(scores), ref_scores, rtol=1e-4, atol=1e-6)
-    # Pages past the length score exactly 0; a page score never exceeds its token count.
-    assert np.all(_f64(scores)[0, 3:] == 0.0) and np.all(_f64(scores)[1, 7:] == 0.0)
-    assert np.all(_f64(scores)[:, 0] > 0.0)
-
-    _, tmax = decode_attention_with_page_scores(
-        q, k, v, lengths, page_size=PS, backend=backend, block_sizes=SMALL[backend], interpret=True,
-        reduce_heads=False)
-    assert tmax.shape == (3, k.shape[1], S)
-    p = _np_probs(qd, kd, _np_keep_dense(lengths, S))
-    ref_tmax = p.reshape(3, k.shape[1], group, S).max(axis=2)
-    np.testing.assert_allclose(_f64(tmax), ref_tmax, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(_f64(page_scores_from_token_maxima(tmax, PS)), _f64(scores),
-                               rtol=1e-6, atol=1e-7)
+    ref = reference.sparse_decode_reference(q, kc, vc, idx, valid, lengths, PS)
+    assert _rel(out, ref) <= 1e-5
+    assert np.all(np.asarray(out)[1] == 0.0)
+    dense = reference.dense_decode_reference(q, kc, vc, lengths)
+    assert _rel(out, dense) > 1e-3  # the selection matters on rows 2 and 3
 
 
-def test_dense_default_blocks_and_batch_one():
-    """Default tile sizes, batch 1, a single-token sequence."""
-    q, k, v, lengths = _inputs(7, 4, 64, jnp.float32, batch=1, lengths=(1,))
-    ref = _np_attend(_f64(q), _f64(k), _f64(v), _np_keep_dense(lengths, S))
-    np.testing.assert_allclose(ref, np.repeat(_f64(v)[:, :, :1], 4, axis=1).reshape(ref.shape), rtol=1e-6)
-    for backend in BACKENDS:
-        out, scores = decode_attention_with_page_scores(q, k, v, lengths, backend=backend, interpret=True)
-        assert _rel(out, ref) <= 1e-5, backend
-        np.testing.assert_allclose(_f64(scores), np.eye(1, S // PS), atol=1e-6)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_sparse_unsorted_with_invalid_entries(backend):
+    """Any order, invalid entries pointing anywhere (also past the length): only valid pages count."""
+    q, kp, vp, table, lengths, kc, vc = _paged(5, 2, 32)
+    idx = jnp.asarray([[2, 0, 8, 1, 5], [3, 0, 1, 2, 4], [8, 3, 0, 6, 7], [6, 1, 4, 0, 8]], jnp.int32)
+    valid = jnp.asarray([[1, 1, 0, 0, 1], [1, 0, 1, 1, 0], [1, 1, 0, 1, 1], [1, 0, 1, 1, 0]], bool)
+    out = paged_sparse_decode_attention(q, kp, vp, table, idx, valid, lengths, backend=backend,
+                                        block_sizes=SMALL[backend], interpret=True)
+    assert _rel(out, reference.sparse_decode_reference(q, kc, vc, idx, valid, lengths, PS)) <= 1e-5
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_sparse_with_all_pages_equals_dense(backend):
+    q, kp, vp, table, lengths, kc, vc = _paged(9, 2, 64)
+    out, scores = paged_decode_attention(q, kp, vp, table, lengths, scores="pages", backend=backend,
+                                         block_sizes=SMALL[backend], interpret=True)
+    idx, valid = select_pages(scores, lengths, page_size=PS, budget=PPS, recent=2)
+    sparse = paged_sparse_decode_attention(q, kp, vp, table, idx, valid, lengths, backend=backend,
+                                           block_sizes=SMALL[backend], interpret=True)
+    assert _rel(sparse, out) <= 1e-6
+
+
+# ---------------------------------------------------------------- selection
 
 def test_select_pages_matches_numpy_with_ties():
     rng = np.random.default_rng(3)
     B, P = 6, 40
-    lengths = np.array([1, 37, 100, 640, 639, 250], np.int32)
+    lengths = np.array([1, 37, 100, 640, 639, 0], np.int32)
     for budget, recent in ((8, 2), (5, 5), (12, 0), (50, 3), (1, 1)):
         scores = rng.integers(0, 4, size=(B, P)).astype(np.float32)  # many ties
         scores[:, 0] = 1e9  # a sink-like page dominating
         idx, valid = select_pages(jnp.asarray(scores), jnp.asarray(lengths), page_size=PS,
                                   budget=budget, recent=recent)
         ref_idx, ref_valid = _np_select(scores, lengths, PS, budget, recent)
+        ref_idx[lengths == 0] = 0
         np.testing.assert_array_equal(np.asarray(valid), ref_valid)
         np.testing.assert_array_equal(np.asarray(idx), ref_idx)
         r_idx, r_valid = reference.select_pages_reference(
@@ -163,76 +210,68 @@ def test_select_pages_tie_goes_to_earlier_page():
     assert bool(valid.all())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("group,head_dim,dtype", CASES)
-def test_sparse_decode(backend, group, head_dim, dtype):
-    q, k, v, lengths = _inputs(11 + group, group, head_dim, dtype)
-    rng = np.random.default_rng(group)
-    scores = jnp.asarray(rng.random((3, S // PS)), jnp.float32)
-    idx, valid = select_pages(scores, lengths, page_size=PS, budget=4, recent=1)
-    assert not bool(valid[0].all())  # length 37 < budget * page_size: padded entries
-    out = sparse_decode_attention(q, k, v, idx, valid, lengths, page_size=PS, backend=backend,
-                                  block_sizes=SMALL[backend], interpret=True)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    keep = _np_keep_pages(np.asarray(idx), np.asarray(valid), np.asarray(lengths), S, PS)
-    ref = _np_attend(_f64(q), _f64(k), _f64(v), keep)
-    assert _rel(out, ref) <= TOL[dtype]
-    dense_ref = _np_attend(_f64(q), _f64(k), _f64(v), _np_keep_dense(lengths, S))
-    assert _rel(out, dense_ref) > 10 * TOL[dtype]  # the selection matters on rows 1 and 2
-    np.testing.assert_allclose(_f64(reference.sparse_decode_reference(q, k, v, idx, valid, lengths, PS)),
-                               ref, rtol=1e-3 if dtype == jnp.bfloat16 else 1e-5, atol=1e-5)
+# ---------------------------------------------------------------- tiles and arguments
 
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sparse_with_all_pages_equals_dense(backend):
-    q, k, v, lengths = _inputs(5, 3, 64, jnp.float32)
-    out, scores = decode_attention_with_page_scores(q, k, v, lengths, page_size=PS, backend=backend,
-                                                    block_sizes=SMALL[backend], interpret=True)
-    idx, valid = select_pages(scores, lengths, page_size=PS, budget=S // PS, recent=2)
-    sparse = sparse_decode_attention(q, k, v, idx, valid, lengths, page_size=PS, backend=backend,
-                                     block_sizes=SMALL[backend], interpret=True)
-    assert _rel(sparse, _f64(out)) <= 1e-6
-
-
-def test_references_match_numpy():
-    q, k, v, lengths = _inputs(21, 4, 64, jnp.float32)
-    qd, kd, vd = _f64(q), _f64(k), _f64(v)
-    np.testing.assert_allclose(_f64(reference.dense_decode_reference(q, k, v, lengths)),
-                               _np_attend(qd, kd, vd, _np_keep_dense(lengths, S)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(_f64(reference.page_scores_reference(q, k, lengths, PS)),
-                               _np_page_scores(qd, kd, lengths, PS), rtol=1e-5, atol=1e-7)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 32])
+def test_gpu_default_tiles_fit_shared_memory(dtype, head_dim, group):
+    bs = default_block_sizes("gpu", head_dim, dtype, PS, group)
+    need = gpu.smem_bytes(bs.pages_per_block * PS, group, head_dim, jnp.dtype(dtype).itemsize, bs.num_stages)
+    assert need <= gpu.SMEM_BYTES
+    if dtype == jnp.bfloat16:  # the H100-tuned tiles: 128 tokens per step at head_dim 128, 256 at 64
+        assert (bs.pages_per_block * PS, bs.num_stages) == (128 if head_dim == 128 else 256, 2)
+    else:  # float32 halves them: the 128-token bfloat16 tile would not fit at head_dim 128
+        assert gpu.smem_bytes(128, group, 128, 4, 2) > gpu.SMEM_BYTES
+        assert bs.pages_per_block * PS == (64 if head_dim == 128 else 128)
 
 
 def test_bad_arguments():
-    q, k, v, lengths = _inputs(0, 2, 64, jnp.float32)
-    f = decode_attention_with_page_scores
-    with pytest.raises(ValueError, match="multiple of kv heads"):
-        f(q[:, :3], k, v, lengths)
-    with pytest.raises(ValueError, match="max_seq 128 is not a multiple of page_size 48"):
-        f(q, k, v, lengths, page_size=48)
+    q, kp, vp, table, lengths, _, _ = _paged(0, 2, 64)
+    f = paged_decode_attention
+    with pytest.raises(ValueError, match="q heads 3 is not a multiple of kv heads 2"):
+        f(q[:, :3], kp, vp, table, lengths)
     with pytest.raises(ValueError, match="batch mismatch"):
-        f(q[:2], k, v, lengths)
-    with pytest.raises(ValueError, match="rank 3"):
-        f(q[:, None], k, v, lengths)
+        f(q[:2], kp, vp, table, lengths)
+    with pytest.raises(ValueError, match="batch mismatch"):
+        f(q, kp, vp, table[:3], lengths)
+    with pytest.raises(ValueError, match="q must have rank 3"):
+        f(q[:, None], kp, vp, table, lengths)
+    with pytest.raises(ValueError, match="page_table must have rank 2"):
+        f(q, kp, vp, table[0], lengths)
     with pytest.raises(ValueError, match="backend"):
-        f(q, k, v, lengths, backend="cuda")
+        f(q, kp, vp, table, lengths, backend="cuda")
     with pytest.raises(ValueError, match="shapes differ"):
-        f(q, k, v[:, :, :64], lengths)
-    with pytest.raises(ValueError, match="head_dim mismatch"):
-        f(q[..., :32], k, v, lengths)
-    with pytest.raises(ValueError, match="block_k"):
-        BlockSizes(block_k=24)
-    scores = jnp.ones((3, 8))
+        f(q, kp, vp[:, :, :8], table, lengths)
+    with pytest.raises(ValueError, match="head_dim mismatch: q 32, k_pages 64"):
+        f(q[..., :32], kp, vp, table, lengths)
+    with pytest.raises(ValueError, match="page_table must be integers"):
+        f(q, kp, vp, table.astype(jnp.float32), lengths)
+    with pytest.raises(ValueError, match="scores must be None, 'pages' or 'tokens', got 'heads'"):
+        f(q, kp, vp, table, lengths, scores="heads")
+    with pytest.raises(ValueError, match="pages_per_block must be a positive power of two, got 3"):
+        BlockSizes(pages_per_block=3)
+    with pytest.raises(ValueError, match="power-of-two page_size, got 12"):
+        f(q, kp[:, :, :12], vp[:, :, :12], table, lengths, backend="gpu", interpret=True)
+    with pytest.raises(ValueError, match="pages_per_block \\* page_size >= 16, got 1 \\* 8"):
+        f(q, kp[:, :, :8], vp[:, :, :8], table, lengths, backend="gpu", interpret=True,
+          block_sizes=BlockSizes(pages_per_block=1))
+    q32, kp32 = q.astype(jnp.float32), kp.astype(jnp.float32)
+    with pytest.raises(ValueError, match="more than 229376"):  # the float32 tile that overflowed run 2
+        f(q32, kp32, kp32, table, lengths, backend="gpu", interpret=True,
+          block_sizes=BlockSizes(pages_per_block=16, num_splits=1, num_warps=8))
+    scores = jnp.ones((4, PPS))
     with pytest.raises(ValueError, match="budget=2 must be >= 1 and >= recent=3"):
         select_pages(scores, lengths, page_size=PS, budget=2, recent=3)
-    with pytest.raises(ValueError, match="budget=0"):
-        select_pages(scores, lengths, page_size=PS, budget=0, recent=0)
     with pytest.raises(ValueError, match="recent must be >= 0"):
         select_pages(scores, lengths, page_size=PS, budget=2, recent=-1)
     with pytest.raises(ValueError, match="does not match"):
         select_pages(scores, lengths[:2], page_size=PS, budget=2, recent=1)
-    idx = jnp.zeros((3, 4), jnp.int32)
-    with pytest.raises(ValueError, match="page_indices"):
-        sparse_decode_attention(q, k, v, idx[:2], jnp.ones((2, 4), bool), lengths)
+    idx = jnp.zeros((4, 3), jnp.int32)
+    sp = paged_sparse_decode_attention
+    with pytest.raises(ValueError, match="page_indices must have shape \\[batch=4, n\\], got \\(2, 3\\)"):
+        sp(q, kp, vp, table, idx[:2], jnp.ones((2, 3), bool), lengths)
     with pytest.raises(ValueError, match="differ"):
-        sparse_decode_attention(q, k, v, idx, jnp.ones((3, 5), bool), lengths)
+        sp(q, kp, vp, table, idx, jnp.ones((4, 5), bool), lengths)
+    with pytest.raises(ValueError, match="page_indices must be integers"):
+        sp(q, kp, vp, table, idx.astype(jnp.float32), jnp.ones((4, 3), bool), lengths)
