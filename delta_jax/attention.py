@@ -1,17 +1,22 @@
 """The one attention interface per phase that the model calls.
 
 Prefill: `dense | window | delta` over q `[b, T, H, D]`, k/v `[b, T, KVH, D]`, right-padded with
-per-sequence `lengths [b]`. Decode: `dense | delta` over the KV cache `[b, KVH, S, D]`.
+per-sequence `lengths [b]`, and the write of the prompt's keys and values into its pages. Decode:
+`dense | delta` over the paged KV cache (`delta_jax.cache`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from delta_jax import cache, sharding
 from delta_jax.config import DecodeConfig, PrefillConfig
+from pallas_kernels import delta_decode as dk
 
 
 # ----------------------------------------------------------------------------------------- prefill
@@ -58,58 +63,68 @@ def _xla_causal(q, k, v):
 
 # ------------------------------------------------------------------------------------------ cache
 
-def cache_from_prefill(k: jax.Array, v: jax.Array, cache_len: int):
-    """Prefill keys/values `[b, T, KVH, D]` -> cache pair `[b, KVH, cache_len, D]`."""
-    t = k.shape[1]
-    pad = ((0, 0), (0, 0), (0, cache_len - t), (0, 0))
-    return (jnp.pad(jnp.swapaxes(k, 1, 2), pad), jnp.pad(jnp.swapaxes(v, 1, 2), pad))
+def _axes(kv_heads: int):
+    """Under the current mesh: (mesh, model axis name or None when the heads are replicated), else None."""
+    mesh = sharding.current_mesh()
+    if mesh is None:
+        return None
+    return mesh, ("model" if sharding.heads_divide(kv_heads, mesh) else None)
 
 
-def cache_append(cache, k_new: jax.Array, v_new: jax.Array, positions: jax.Array):
-    """Writes one token's k/v `[b, KVH, D]` at per-sequence `positions [b]`."""
-    kc, vc = cache
+def write_prompt(layer, k: jax.Array, v: jax.Array, page_table: jax.Array, row_shard: jax.Array):
+    """Writes a prompt's keys and values `[b, T, KVH, D]` into the rows' pages; returns the layer's pages.
 
-    def put(c, x, p):
-        return jax.lax.dynamic_update_slice(c, x[:, None, :].astype(c.dtype), (0, p, 0))
+    `row_shard [b]`: the data shard whose pages the row uses (the prompt rows are not split over `data`)."""
+    axes = _axes(k.shape[2])
 
-    return jax.vmap(put)(kc, k_new, positions), jax.vmap(put)(vc, v_new, positions)
+    def write(layer, k, v, page_table, row_shard):
+        here = 0 if axes is None else jax.lax.axis_index("data")
+        owned = row_shard == here
+        return (cache.write_prompt(layer[0], k, page_table, owned),
+                cache.write_prompt(layer[1], v, page_table, owned))
+
+    if axes is None:
+        return write(layer, k, v, page_table, row_shard)
+    mesh, model = axes
+    pool, rows = P(model, "data", None, None), P(None, None, model, None)
+    return sharding.shard_map(write, mesh, in_specs=((pool, pool), rows, rows, P(), P()),
+                              out_specs=(pool, pool))(layer, k, v, page_table, row_shard)
 
 
 # ----------------------------------------------------------------------------------------- decode
 
-def dense_decode(q: jax.Array, kc: jax.Array, vc: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Decode attention over the valid cache. q `[b, H, D]`, cache `[b, KVH, S, D]` -> `[b, H, D]`."""
-    b, h, d = q.shape
-    kvh, s = kc.shape[1], kc.shape[2]
-    qg = q.reshape(b, kvh, h // kvh, d)
-    prec = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    sc = jnp.einsum("bkgd,bksd->bkgs", qg, kc, precision=prec,
-                    preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
-    valid = jnp.arange(s)[None, :] < lengths[:, None]
-    sc = jnp.where(valid[:, None, None, :], sc, -jnp.inf)
-    p = jax.nn.softmax(sc, axis=-1)
-    o = jnp.einsum("bkgs,bksd->bkgd", p.astype(vc.dtype), vc, precision=prec,
-                   preferred_element_type=jnp.float32)
-    return o.reshape(b, h, d).astype(q.dtype)
+def decode(q: jax.Array, k_new: jax.Array, v_new: jax.Array, layer, page_table: jax.Array, positions: jax.Array,
+           active: jax.Array, role: str, selection: Optional[tuple], method: DecodeConfig):
+    """One layer's decode step: appends this token's key and value `[b, KVH, D]` at `positions [b]`, then
+    attends q `[b, H, D]` by the layer's role ('full', 'selection', 'sparse').
 
-
-def pallas_dense_decode(q: jax.Array, kc: jax.Array, vc: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Dense decode through jax's Pallas GPU kernel (interpret mode off the GPU)."""
-    from jax.experimental.pallas.ops.gpu import decode_attention as jd
-    # gqa takes [b, S, KVH, D] and swaps to head-major itself: the two transposes cancel under jit
-    return jd.gqa(q, jnp.swapaxes(kc, 1, 2), jnp.swapaxes(vc, 1, 2), kv_seq_len=lengths,
-                  interpret=jax.default_backend() != "gpu")
-
-
-def decode(q: jax.Array, kc: jax.Array, vc: jax.Array, lengths: jax.Array, role: str,
-           selection: Optional[tuple], method: DecodeConfig):
-    """One layer's decode attention by its role ('full', 'selection', 'sparse').
-
-    Returns (out `[b, H, D]`, selection), the selection being what sparse layers read.
+    Returns (out `[b, H, D]`, the layer's pages, selection): the selection (logical page indices and
+    validity `[b, budget]`) is what the sparse layers after a selection layer read. Under a mesh the
+    step runs per shard (`shard_map`): rows and pages over `data`, kv heads over `model` when it divides them.
     """
-    if role == "full":
-        if method.kernel == "pallas":
-            return pallas_dense_decode(q, kc, vc, lengths), selection
-        return dense_decode(q, kc, vc, lengths), selection
+    axes = _axes(k_new.shape[1])
+    if axes is None:
+        return _decode(q, k_new, v_new, layer, page_table, positions, active, selection, role=role,
+                       method=method, axis=None)
+    mesh, model = axes
+    heads, pool, rows = P("data", model, None), P(model, "data", None, None), P("data")
+    sel = None if selection is None else (P("data", None), P("data", None))
+    fn = sharding.shard_map(functools.partial(_decode, role=role, method=method, axis=model), mesh,
+                            in_specs=(heads, heads, heads, (pool, pool), P("data", None), rows, rows, sel),
+                            out_specs=(heads, (pool, pool), (P("data", None), P("data", None))))
+    return fn(q, k_new, v_new, layer, page_table, positions, active, selection)
+
+
+def _decode(q, k_new, v_new, layer, page_table, positions, active, selection, *, role, method, axis):
     from delta_jax import delta
-    return delta.delta_decode(q, kc, vc, lengths, role, selection, method)
+    kp = cache.write_token(layer[0], k_new, page_table, positions, active)
+    vp = cache.write_token(layer[1], v_new, page_table, positions, active)
+    lengths = jnp.where(active, positions + 1, 0)
+    if role == "full":
+        out = dk.paged_decode_attention(q, kp, vp, page_table, lengths, backend=delta.KERNEL_BACKEND)
+        if selection is None:
+            b = q.shape[0]
+            selection = (jnp.zeros((b, method.budget), jnp.int32), jnp.zeros((b, method.budget), bool))
+        return out, (kp, vp), selection
+    out, selection = delta.delta_decode(q, kp, vp, page_table, lengths, role, selection, method, axis)
+    return out, (kp, vp), selection

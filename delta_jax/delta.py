@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from delta_jax import sharding
+from delta_jax import cache, sharding
 from delta_jax.config import DecodeConfig, PrefillConfig
 from pallas_kernels import delta_decode as dk
 from pallas_kernels import pick_backend
@@ -274,43 +274,30 @@ def _correct(sparse, lse, exact_s, exact_lse, blk, tail_start, method: PrefillCo
 
 # ------------------------------------------------------------------------------------------ decode
 
-def delta_decode(q: jax.Array, kc: jax.Array, vc: jax.Array, lengths: jax.Array, role: str,
-                 selection: Optional[tuple], method: DecodeConfig):
-    """DELTA decode for a 'selection' or 'sparse' layer. q `[b, H, D]`, cache `[b, KVH, S, D]`.
+def delta_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, lengths: jax.Array,
+                 role: str, selection: Optional[tuple], method: DecodeConfig, axis: Optional[str] = None):
+    """DELTA decode for a 'selection' or 'sparse' layer over the paged cache. q `[b, H, D]`, pages
+    `[KVH, P, page_size, D]`, page_table `[b, W]`, lengths `[b]` (0: an inactive row).
 
-    A selection layer attends densely and picks the pages (shared by all heads of the following
-    layers); a sparse layer attends to the selected pages only, read from the full cache.
-    Variants: "published"; "sum" (selection layers rank pages by the head-mean of the softmax
-    instead of its head-max); "per_layer" (the upper bound for per-layer methods: every non-full
-    layer picks its own pages from its own exact scores, then attends to them only).
-    Under a mesh whose `model` axis divides the KV heads, each shard attends with its own heads and
-    the head maximum (or mean) of the page scores is reduced across `model` before the selection,
+    A selection layer attends densely and picks the pages (logical page indices shared by all heads of
+    the following layers); a sparse layer attends to the selected pages only, read through the page table.
+    Variants: "published"; "sum" (selection layers rank pages by the head-mean of the softmax instead of
+    its head-max); "per_layer" (the upper bound for per-layer methods: every non-full layer picks its own
+    pages from its own exact scores, then attends to them only). Called per head shard: `axis` names the
+    mesh axis over which the head maximum (or mean) of the page scores is reduced before the selection,
     so every shard keeps the same pages.
     """
-    axes = _head_axis(kc.shape[1], q.shape[0])
-    if axes is None:
-        return _delta_decode(q, kc, vc, lengths, selection, role=role, method=method, axis=None)
-    mesh, model, data = axes
-    heads, cache, row = P(data, model, None), P(data, model, None, None), P(data, None)
-    sel_spec = None if selection is None else (row, row)
-    fn = sharding.shard_map(functools.partial(_delta_decode, role=role, method=method, axis=model), mesh,
-                            in_specs=(heads, cache, cache, P(data), sel_spec),
-                            out_specs=(heads, (row, row)))
-    return fn(q, kc, vc, lengths, selection)
-
-
-def _delta_decode(q, kc, vc, lengths, selection, *, role, method: DecodeConfig, axis):
     ps, budget, recent = method.page_size, method.budget, method.recent
-    kw = dict(page_size=ps, backend=KERNEL_BACKEND)
+    kw = dict(backend=KERNEL_BACKEND)
 
     def select(q):
         """Dense attention and the page selection from scores reduced over all heads of all shards."""
         if method.variant == "sum":
-            out = dk.decode_attention_with_page_scores(q, kc, vc, lengths, **kw)[0]
-            scores = page_mass(q, kc, lengths, ps)
+            out = dk.paged_decode_attention(q, k_pages, v_pages, page_table, lengths, **kw)
+            scores = page_mass(q, cache.gather(k_pages, page_table), lengths, ps)
             scores = scores if axis is None else jax.lax.pmean(scores, axis)
         else:
-            out, tmax = dk.decode_attention_with_page_scores(q, kc, vc, lengths, reduce_heads=False, **kw)
+            out, tmax = dk.paged_decode_attention(q, k_pages, v_pages, page_table, lengths, scores="tokens", **kw)
             tmax = tmax.max(axis=1, keepdims=True)
             tmax = tmax if axis is None else jax.lax.pmax(tmax, axis)
             scores = dk.page_scores_from_token_maxima(tmax, ps)
@@ -318,17 +305,18 @@ def _delta_decode(q, kc, vc, lengths, selection, *, role, method: DecodeConfig, 
 
     if method.variant == "per_layer":
         _, own = select(q)
-        return dk.sparse_decode_attention(q, kc, vc, *own, lengths, **kw), own
+        return dk.paged_sparse_decode_attention(q, k_pages, v_pages, page_table, *own, lengths, **kw), own
     if role == "selection":
         return select(q)
     if selection is None:
         raise ValueError("a sparse decode layer needs a selection layer before it")
-    return dk.sparse_decode_attention(q, kc, vc, *selection, lengths, **kw), selection
+    return dk.paged_sparse_decode_attention(q, k_pages, v_pages, page_table, *selection, lengths, **kw), selection
 
 
 def page_stats(q: jax.Array, kc: jax.Array, lengths: jax.Array, page_size: int):
-    """Per page `[b, S // page_size]`: the softmax mass averaged over all query heads (sums to 1), and
-    DELTA's score (sum over the page's tokens of the maximum over all query heads)."""
+    """Per page `[b, S // page_size]` of a contiguous cache `kc [b, KVH, S, D]`: the softmax mass averaged
+    over all query heads (sums to 1), and DELTA's score (sum over the page's tokens of the maximum over
+    all query heads)."""
     b, h, d = q.shape
     kvh, s = kc.shape[1], kc.shape[2]
     qg = q.reshape(b, kvh, h // kvh, d).astype(jnp.float32)
@@ -336,6 +324,7 @@ def page_stats(q: jax.Array, kc: jax.Array, lengths: jax.Array, page_size: int):
                     precision=jax.lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(d))
     valid = jnp.arange(s)[None, :] < lengths[:, None]
     p = jax.nn.softmax(jnp.where(valid[:, None, None, :], sc, -jnp.inf), axis=-1)
+    p = jnp.where(valid[:, None, None, :], p, 0.0)  # an inactive row (length 0) has no mass
     pages = (b, s // page_size, page_size)
     return p.mean(axis=(1, 2)).reshape(pages).sum(-1), p.max(axis=(1, 2)).reshape(pages).sum(-1)
 

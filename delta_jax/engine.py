@@ -1,4 +1,4 @@
-"""Engine: load a model, then generate and score with jit-compiled prefill and decode steps."""
+"""Engine: load a model, then generate (through the continuous-batching scheduler) and score."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from delta_jax import cache, memory
 from delta_jax.config import ConfigError, DecodeConfig, ModelConfig, PrefillConfig
 from delta_jax.model import Decoder
+from delta_jax.scheduler import Request, Scheduler, prefill_length
+from delta_jax.steps import Steps
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 _PREFILL_FIELDS = {f.name for f in dataclasses.fields(PrefillConfig)} - {"method"}
@@ -32,7 +35,7 @@ class GenerateOutput:
     prefill_seconds: float
     decode_seconds: float
     decode_tokens_per_second: float
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "stop" (a stop string) or "length"
 
 
 @dataclasses.dataclass
@@ -42,17 +45,6 @@ class ScoreOutput:
     tokens: list[int]
     logprobs: np.ndarray
     last_logprobs: Optional[np.ndarray]
-
-
-def bucket(n: int, minimum: int = 128) -> int:
-    """Smallest of {2^k, 3 * 2^(k-1)} >= n (at least `minimum`): few distinct compiled shapes."""
-    b = minimum
-    while True:
-        if b >= n:
-            return b
-        if b * 3 // 2 >= n:
-            return b * 3 // 2
-        b *= 2
 
 
 def methods_from(prefill, decode, params: dict) -> tuple[PrefillConfig, DecodeConfig]:
@@ -107,7 +99,11 @@ class Engine:
         self.graphdef, self.state = nnx.split(model)
         if mesh is not None:
             self.state = self._place_state(self.state)
-        self._compiled: dict = {}
+        eos = set(self.config.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = tuple(sorted(eos))
+        self.steps = Steps(self.graphdef, mesh, self.eos_ids, progress)
 
     def _place_state(self, state):
         from delta_jax import sharding
@@ -126,14 +122,6 @@ class Engine:
         data = self.mesh.shape["data"]
         spec = P("data") if x.shape[0] % data == 0 else P()
         return jax.device_put(x, NamedSharding(self.mesh, spec))
-
-    def _cache_shardings(self, batch: int, cache_len: int):
-        if self.mesh is None:
-            return None
-        from delta_jax import sharding
-        shape = (batch, self.config.num_kv_heads, cache_len, self.config.head_dim)
-        sh = sharding.cache_sharding(shape, self.mesh)
-        return tuple((sh, sh) for _ in range(self.config.num_layers))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -199,62 +187,71 @@ class Engine:
             raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary (size {self.config.vocab_size})")
         return ids
 
-    def _batch(self, seqs: list[list[int]], extra: int = 0):
+    def _batch(self, seqs: list[list[int]]):
+        """Right-padded tokens `[b, T]` (T: the prefill ladder) and lengths `[b]` on the mesh."""
         longest = max(len(s) for s in seqs)
-        if longest + extra > self.max_seq_len:
-            raise ConfigError(
-                f"prompt of {longest} tokens plus {extra} new tokens exceeds the cache length "
-                f"max_seq_len={self.max_seq_len}")
-        t = min(bucket(longest), _round_up(self.max_seq_len, 128))
-        tokens = np.zeros((len(seqs), t), np.int32)
+        if longest > self.max_seq_len:
+            raise ConfigError(f"prompt of {longest} tokens exceeds the cache length max_seq_len={self.max_seq_len}")
+        tokens = np.zeros((len(seqs), prefill_length(longest)), np.int32)
         for i, s in enumerate(seqs):
             tokens[i, :len(s)] = s
         return (self._put(jnp.asarray(tokens)),
                 self._put(jnp.asarray([len(s) for s in seqs], jnp.int32)))
 
-    # ------------------------------------------------------------------ compiled steps
-    def _compile(self, key, fn, *args, donate=(), out_shardings=None):
-        if key not in self._compiled:
-            from delta_jax import sharding
-            _log(f"compiling {key[0]} for shape {key[1]}", self.progress)
-            t0 = time.perf_counter()
-            kw = {} if out_shardings is None else {"out_shardings": out_shardings}
-            with sharding.use_mesh(self.mesh):
-                self._compiled[key] = jax.jit(fn, donate_argnums=donate, **kw).lower(*args).compile()
-            _log(f"compiled {key[0]} in {time.perf_counter() - t0:.1f}s", self.progress)
-        return self._compiled[key]
+    def _dtype_name(self) -> str:
+        return jnp.dtype(self.dtype).name
 
-    def _prefill_fn(self, method: PrefillConfig, cache_len: int):
-        graphdef = self.graphdef
+    def _model_shards(self) -> int:
+        from delta_jax import sharding
+        return self.mesh.shape["model"] if sharding.heads_divide(self.config.num_kv_heads, self.mesh) else 1
 
-        def fn(state, tokens, lengths):
-            model = nnx.merge(graphdef, state)
-            h, cache, _ = model.prefill(tokens, lengths, method, cache_len)
-            last = h[jnp.arange(h.shape[0]), lengths - 1]
-            return model.logits(last), cache
-        return fn
+    def scheduler(self, prefill: Union[str, PrefillConfig] = "dense", decode: Union[str, DecodeConfig] = "dense", *,
+                  slots: int, max_seq_len: Optional[int] = None, num_pages: Optional[int] = None,
+                  chunk: int = 16, prefill_batch: Optional[int] = None, **params) -> Scheduler:
+        """A continuous-batching scheduler over a new paged cache (what `delta-jax serve` runs).
 
-    def _decode_fn(self, method: DecodeConfig):
-        graphdef = self.graphdef
+        `slots` decode rows of up to `max_seq_len` tokens (default the engine's) each; `num_pages` pages of
+        `page_size` in the pool (default: enough for every slot at full length, capped by the device's free
+        memory); `chunk` decode steps per dispatch. Refuses with one line when the pool and one prefill of
+        `max_seq_len` tokens cannot fit the device's memory.
+        """
+        prefill, decode = methods_from(prefill, decode, params)
+        ps = decode.page_size
+        max_seq_len = int(max_seq_len or self.max_seq_len)
+        if max_seq_len > self.max_seq_len:
+            raise ConfigError(f"max_seq_len={max_seq_len} exceeds the model's {self.max_seq_len}")
+        width = cache.ladder(cache.pages_for(max_seq_len, ps))
+        shards = self.mesh.shape["data"] if self.mesh is not None else 1
+        per_token = memory.kv_bytes_per_token(self.config, self.dtype) // self._model_shards()
+        act = memory.prefill_bytes(self.config, 1, prefill_length(max_seq_len), self.dtype, self._model_shards())
+        if num_pages is None:
+            free, _ = memory.free_bytes()
+            fit = int((memory.HEADROOM * free / self._sharing() - act) // (per_token * ps) * shards) - shards
+            num_pages = max(shards * 2, min(slots * width + shards, fit + shards))
+        pool = num_pages * ps * per_token // shards
+        memory.check({"KV cache": pool, "prefill activations": act}, devices_sharing=self._sharing(),
+                     hint="lower --max-seq-len, --slots or --kv-pages, or shard over more devices with --mesh model=N")
+        tokens = None if prefill_batch is None else prefill_batch * prefill_length(max_seq_len)
+        return Scheduler(self, prefill, decode, slots=slots, pages_per_seq=width, num_pages=num_pages, chunk=chunk,
+                         max_prefill_tokens=tokens)
 
-        def fn(state, cache, tokens, lengths, key, temperature, top_p):
-            model = nnx.merge(graphdef, state)
-            logits, cache = model.decode(tokens, lengths, cache, method)
-            return sample(logits, key, temperature, top_p), cache
-        return fn
-
-    def _rep(self):
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        return NamedSharding(self.mesh, P())
+    def _sharing(self) -> int:
+        """Devices whose memory one check covers: simulated CPU devices share the host's."""
+        if self.mesh is None or jax.default_backend() != "cpu":
+            return 1
+        return self.mesh.devices.size
 
     # ------------------------------------------------------------------ generate
     def generate(self, prompts, *, max_new_tokens: int = 32, chat: bool = False,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  prefill: Union[str, PrefillConfig] = "dense", decode: Union[str, DecodeConfig] = "dense",
-                 on_token: Optional[Callable[[int, int], None]] = None, **params) -> list[GenerateOutput]:
-        """Generates up to `max_new_tokens` per prompt (stopping at EOS). Prompts are text or token ids.
+                 stop: Sequence[str] = (), on_token: Optional[Callable[[int, int], None]] = None,
+                 chunk: int = 16, **params) -> list[GenerateOutput]:
+        """Generates up to `max_new_tokens` per prompt (stopping at EOS or a `stop` string). Prompts are text
+        or token ids. Every prompt is one request of a scheduler sized to this call (`Engine.scheduler`).
 
-        `on_token(index, token)` is called for every new token as it is produced (streaming).
+        `on_token(index, token)` is called for every new token as it is produced (streaming, in order per
+        prompt); `chunk` decode steps run per device dispatch.
         """
         prefill, decode = methods_from(prefill, decode, params)
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -266,65 +263,49 @@ class Engine:
         if temperature < 0 or not 0 < top_p <= 1:
             raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         seqs = [self.encode(p, chat) for p in prompts]
-        tokens, lengths = self._batch(seqs, max_new_tokens)
-        page = decode.page_size if decode.method == "delta" else 1
-        cache_len = _round_up(min(bucket(int(lengths.max()) + max_new_tokens),
-                                  _round_up(self.max_seq_len, 128)), max(page, 128))
-        if decode.method == "delta":
-            decode.schedule(self.config.num_layers)  # validate before compiling
+        longest = max(len(s) for s in seqs)
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ConfigError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the cache "
+                              f"length max_seq_len={self.max_seq_len}")
+        sched = self._generate_scheduler(seqs, max_new_tokens, prefill, decode, chunk)
+        reqs = []
+        for i, s in enumerate(seqs):
+            cb = None if on_token is None else (lambda r, t, d, i=i: t is not None and on_token(i, t))
+            reqs.append(sched.submit(Request(prompt=s, max_tokens=max_new_tokens, temperature=temperature,
+                                             top_p=top_p, seed=seed, stop=tuple(stop), on_token=cb)))
+        sched.run()
+        out = []
+        for r in reqs:
+            decode_s = r.finish_time - r.first_token_time
+            out.append(GenerateOutput(
+                text=r.text, tokens=r.tokens, prompt_tokens=len(r.prompt), prefill_seconds=r.prefill_seconds,
+                decode_seconds=decode_s,
+                decode_tokens_per_second=(len(r.tokens) - 1) / decode_s if decode_s > 0 else 0.0,
+                finish_reason=r.finish_reason))
+        return out
 
-        cache_sh = self._cache_shardings(tokens.shape[0], cache_len)
-        pre = self._compile(("prefill", tokens.shape, prefill, cache_len),
-                            self._prefill_fn(prefill, cache_len), self.state, tokens, lengths,
-                            out_shardings=None if cache_sh is None else (self._rep(), cache_sh))
-        t0 = time.perf_counter()
-        logits, cache = pre(self.state, tokens, lengths)
-        key = jax.random.PRNGKey(seed)
-        key, sub = jax.random.split(key)
-        temp, tp = jnp.float32(temperature), jnp.float32(top_p)
-        nxt = sample(logits, sub, temp, tp)
-        nxt.block_until_ready()
-        prefill_s = time.perf_counter() - t0
-
-        dec = self._compile(("decode", tokens.shape[0], cache_len, decode), self._decode_fn(decode),
-                            self.state, cache, nxt, lengths, key, temp, tp, donate=(1,),
-                            out_shardings=None if cache_sh is None else (self._rep(), cache_sh))
-        eos = set(self.config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        b = len(seqs)
-        out = [[] for _ in range(b)]
-        done = np.zeros(b, bool)
-        pos = lengths
-        t1 = time.perf_counter()
-        steps = 0
-        while True:
-            host = np.asarray(nxt)
-            for i in range(b):
-                if not done[i]:
-                    out[i].append(int(host[i]))
-                    if on_token is not None:
-                        on_token(i, int(host[i]))
-                    if host[i] in eos or len(out[i]) >= max_new_tokens:
-                        done[i] = True
-            if done.all():
-                break
-            key, sub = jax.random.split(key)
-            nxt, cache = dec(self.state, cache, nxt, pos, sub, temp, tp)
-            pos = pos + 1
-            steps += 1
-        decode_s = time.perf_counter() - t1
-        results = []
-        for i in range(b):
-            toks = out[i]
-            reason = "eos" if toks and toks[-1] in eos else "length"
-            text_toks = toks[:-1] if reason == "eos" else toks
-            text = self.tokenizer.decode(text_toks, skip_special_tokens=True) if self.tokenizer else ""
-            results.append(GenerateOutput(
-                text=text, tokens=toks, prompt_tokens=len(seqs[i]), prefill_seconds=prefill_s,
-                decode_seconds=decode_s, decode_tokens_per_second=(steps / decode_s if decode_s > 0 else 0.0),
-                finish_reason=reason))
-        return results
+    def _generate_scheduler(self, seqs, max_new_tokens, prefill, decode, chunk) -> Scheduler:
+        """A scheduler holding every prompt at once: pages sized to the work (at most 1/8 padding)."""
+        ps = decode.page_size
+        shards = self.mesh.shape["data"] if self.mesh is not None else 1
+        slots = -(-cache.pow2(len(seqs)) // shards) * shards
+        need = [cache.pages_for(len(s) + max_new_tokens, ps) for s in seqs]
+        per_shard = [1 + sum(need[i] for i in range(len(seqs)) if i // (slots // shards) == d) for d in range(shards)]
+        pages = shards * cache.ladder(max(per_shard))
+        width = cache.ladder(max(need))
+        per_token = memory.kv_bytes_per_token(self.config, self.dtype) // self._model_shards()
+        pool = pages * ps * per_token // shards
+        t = prefill_length(max(len(s) for s in seqs))
+        act = lambda b: memory.prefill_bytes(self.config, b, t, self.dtype, self._model_shards())  # noqa: E731
+        free, _ = memory.free_bytes()
+        batch = cache.pow2(len(seqs))
+        while batch > 1 and (pool + act(batch)) * self._sharing() > memory.HEADROOM * free:
+            batch //= 2
+        memory.check({"KV cache": pool, "prefill activations": act(batch)}, devices_sharing=self._sharing(), free=free,
+                     hint="use fewer or shorter prompts or fewer new tokens, or shard over more devices with "
+                          "--mesh model=N")
+        return Scheduler(self, prefill, decode, slots=slots, pages_per_seq=width, num_pages=pages, chunk=chunk,
+                         max_prefill_tokens=batch * t)
 
     # ------------------------------------------------------------------ score
     def score(self, prompts, *, prefill: Union[str, PrefillConfig] = "dense", last: int = 0,
@@ -351,8 +332,8 @@ class Engine:
                 lastlp = jax.nn.log_softmax(model.logits(hl), axis=-1)
             return lp, lastlp
 
-        run = self._compile(("score", tokens.shape, prefill, last), fn, self.state, tokens, lengths)
-        lp, lastlp = run(self.state, tokens, lengths)
+        lp, lastlp = self.steps.run(("score", prefill, last), fn, (self.state, tokens, lengths),
+                                    f"score ({prefill.method}) for {tuple(tokens.shape)}")
         lp = np.asarray(lp)
         lastlp = np.asarray(lastlp) if last else None
         return [ScoreOutput(tokens=s, logprobs=lp[i, :len(s) - 1],
@@ -370,8 +351,8 @@ class Engine:
         def fn(state, tokens, lengths):
             return body(nnx.merge(graphdef, state), tokens, lengths, prefill)
 
-        run = self._compile((kind, toks.shape, prefill), fn, self.state, toks, lengths)
-        out = np.asarray(run(self.state, toks, lengths))
+        out = np.asarray(self.steps.run((kind, prefill), fn, (self.state, toks, lengths),
+                                        f"{kind} ({prefill.method}) for {tuple(toks.shape)}"))
         return out[:len(seqs[0])] if kind == "logits" else out[:, :len(seqs[0])]
 
     def logits(self, prompt, *, prefill: Union[str, PrefillConfig] = "dense", **params) -> np.ndarray:
@@ -393,35 +374,37 @@ class Engine:
         from pallas_kernels.delta_decode import select_pages
         _, decode = methods_from("dense", decode, params)
         seqs = [self.encode(p, chat) for p in ([prompts] if isinstance(prompts, str) else prompts)]
-        tokens, lengths = self._batch(seqs, steps)
-        cache_len = _round_up(max(int(lengths.max()) + steps, tokens.shape[1]), max(decode.page_size, 128))
         roles = decode.schedule(self.config.num_layers)
-        pre = self._compile(("prefill", tokens.shape, PrefillConfig(), cache_len),
-                            self._prefill_fn(PrefillConfig(), cache_len), self.state, tokens, lengths)
-        logits, cache = pre(self.state, tokens, lengths)
-        graphdef = self.graphdef
         ps, budget, recent = decode.page_size, decode.budget, decode.recent
+        need = [cache.pages_for(len(s) + steps + 1, ps) for s in seqs]
+        sched = Scheduler(self, PrefillConfig(), decode, slots=len(seqs), pages_per_seq=max(need),
+                          num_pages=1 + sum(need), chunk=1)
+        for s in seqs:
+            sched.submit(Request(prompt=s, max_tokens=steps + 2))
+        sched._admit()  # prefill every prompt into its pages and insert it into its slot
+        graphdef, b = self.graphdef, len(seqs)
 
-        def fn(state, cache, tok, pos):
+        def fn(state, pages, slots):
             model = nnx.merge(graphdef, state)
-            logits, cache, (mass, score, idx, valid) = model.decode(tok, pos, cache, decode, record=True)
+            logits, pages, (mass, score, idx, valid) = model.decode(
+                slots.tokens, slots.positions, slots.active, pages, slots.page_table, decode, record=True)
             covered = jnp.sum(jnp.take_along_axis(mass, idx, -1) * valid, -1)          # [L, b]
             oracle = jnp.sum(jax.lax.top_k(mass, min(budget, mass.shape[-1]))[0], -1)  # [L, b]
-            sel = jax.vmap(lambda sc: select_pages(sc, pos + 1, page_size=ps, budget=budget,
+            sel = jax.vmap(lambda sc: select_pages(sc, slots.positions + 1, page_size=ps, budget=budget,
                                                    recent=recent))(score)               # [L, b, budget]
             matrix = jnp.sum(jnp.take_along_axis(mass[None], sel[0][:, None], -1) * sel[1][:, None], -1)
-            return (jnp.argmax(logits, -1).astype(jnp.int32), cache, covered, oracle, valid.any(-1),
-                    matrix.mean(-1))
+            slots = slots._replace(tokens=jnp.argmax(logits, -1).astype(jnp.int32),
+                                   positions=slots.positions + slots.active)
+            return pages, slots, covered, oracle, valid.any(-1), matrix.mean(-1)
 
-        run = self._compile(("coverage", tokens.shape[0], cache_len, decode), fn, self.state, cache,
-                            jnp.argmax(logits, -1).astype(jnp.int32), lengths)
-        tok, pos, cov, orc, mat = jnp.argmax(logits, -1).astype(jnp.int32), lengths, [], [], []
+        pages, slots, cov, orc, mat = sched.pages, sched.slots, [], [], []
         for _ in range(steps):
-            tok, cache, c, o, sparse, m = run(self.state, cache, tok, pos)
-            cov.append(np.where(np.asarray(sparse), np.asarray(c), 1.0))
-            orc.append(np.asarray(o))
+            pages, slots, c, o, sparse, m = self.steps.run(
+                ("coverage", decode), fn, (self.state, pages, slots), f"coverage step for {b} prompts",
+                donate_argnums=(1, 2))
+            cov.append(np.where(np.asarray(sparse), np.asarray(c), 1.0)[:, :b])
+            orc.append(np.asarray(o)[:, :b])
             mat.append(np.asarray(m))
-            pos = pos + 1
         return {"roles": list(roles), "covered": np.mean(cov, axis=(0, 2)), "oracle": np.mean(orc, axis=(0, 2)),
                 "matrix": np.mean(mat, axis=0)}
 
@@ -444,8 +427,6 @@ class Engine:
                                 model.prefill(toks, lengths, pre, None, trace=True)[2][:, 0].astype(jnp.float32))
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def _token_logprobs(model: Decoder, h: jax.Array, tokens: jax.Array, chunk: int = 256) -> jax.Array:
@@ -463,21 +444,6 @@ def _token_logprobs(model: Decoder, h: jax.Array, tokens: jax.Array, chunk: int 
 
     out = jax.lax.map(one, (jnp.swapaxes(hs, 0, 1), jnp.swapaxes(tg, 0, 1)))
     return jnp.swapaxes(out, 0, 1).reshape(b, n * chunk)[:, :t - 1]
-
-
-@jax.jit
-def sample(logits: jax.Array, key, temperature, top_p) -> jax.Array:
-    """Greedy when temperature == 0, else temperature + nucleus (top-p) sampling. logits `[b, V]`."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, -1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
-    pick = jax.random.categorical(key, masked, axis=-1)
-    sampled = jnp.take_along_axis(order, pick[:, None], -1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
 
 
 def build_model(cfg: ModelConfig, dtype, params: dict) -> Decoder:

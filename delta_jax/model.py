@@ -1,7 +1,7 @@
 """Flax NNX decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3): one Decoder with switches.
 
 Shapes: tokens `[batch, seq]`; hidden `[batch, seq, hidden]`; q `[batch, seq, heads, head_dim]`;
-KV cache per layer `[batch, kv_heads, max_seq, head_dim]` (head-major: a page is one contiguous tile).
+the KV cache is paged (`delta_jax.cache`): per layer `[kv_heads, pages, page_size, head_dim]`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from flax import nnx
 
 from delta_jax import attention
 from delta_jax.config import DecodeConfig, ModelConfig, PrefillConfig
+
+MLP_CHUNK = 16384  # prefill runs the MLP over pieces of this many tokens (bounded activations at 1M tokens)
 
 
 class RMSNorm(nnx.Module):
@@ -65,7 +67,7 @@ def _linear(cfg: ModelConfig, n_in: int, n_out: int, bias: bool, dtype, param_dt
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention; the attention itself is delegated to `delta_jax.attention`."""
+    """Grouped-query self-attention; the attention itself is the `attend` function of the phase."""
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
@@ -78,8 +80,8 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
-        """Projected, normed and rotated q `[b, s, H, D]`, k and v `[b, s, KVH, D]`."""
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, attend):
+        """x `[b, s, hidden]`; `attend(q [b, s, H, D], k, v [b, s, KVH, D]) -> (o [b, s, H, D], aux)`."""
         b, s, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).reshape(b, s, cfg.num_heads, cfg.head_dim)
@@ -87,11 +89,8 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
-
-    def out(self, o: jax.Array) -> jax.Array:
-        b, s = o.shape[:2]
-        return self.o_proj(o.reshape(b, s, -1))
+        o, aux = attend(apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v)
+        return self.o_proj(o.reshape(b, s, -1)), aux
 
 
 class MLP(nnx.Module):
@@ -107,6 +106,15 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def seq_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
+    """`fn` over `x [b, T, ...]` in sequence chunks of `chunk` tokens (one at a time: bounded activations)."""
+    b, t = x.shape[:2]
+    if t <= chunk or t % chunk:
+        return fn(x)
+    xs = jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
+    return jnp.moveaxis(jax.lax.map(fn, xs), 0, 1).reshape(b, t, *x.shape[2:])
+
+
 class Block(nnx.Module):
     """Pre-norm transformer block."""
 
@@ -115,6 +123,13 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, attend,
+                 chunk: int = MLP_CHUNK):
+        """x `[b, s, hidden]` -> (x, aux of `attend`); the MLP runs over `chunk`-token pieces of long inputs."""
+        a, aux = self.attn(self.attn_norm(x), positions, inv_freq, attend)
+        x = x + a
+        return x + seq_chunks(lambda y: self.mlp(self.mlp_norm(y)), x, chunk), aux
 
 
 class Decoder(nnx.Module):
@@ -142,35 +157,37 @@ class Decoder(nnx.Module):
                               preferred_element_type=jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
-    def prefill(self, tokens: jax.Array, lengths: jax.Array, method: PrefillConfig,
-                cache_len: Optional[int] = None, trace: bool = False):
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, method: PrefillConfig, cache=None,
+                trace: bool = False):
         """Runs the prompt. tokens `[b, T]` right-padded, lengths `[b]`.
 
-        Returns hidden `[b, T, hidden]`, the KV cache (tuple of (k, v) per layer, each
-        `[b, kv_heads, cache_len, head_dim]`, or None) and, with `trace`, per-layer attention
-        outputs `[layers, b, T, heads, head_dim]`.
+        `cache`: None, or `(pages, page_table [b, W], row_shard [b])` to write each layer's keys and values
+        into the rows' pages (`delta_jax.cache`; `row_shard`: the data shard that holds each row).
+        Returns hidden `[b, T, hidden]`, the updated pages (or None) and, with `trace`, per-layer
+        attention outputs `[layers, b, T, heads, head_dim]`.
         """
         b, t = tokens.shape
         inv_freq = rope_frequencies(self.cfg)
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed(tokens)
-        cache, traces = [], []
+        pages, traces = [], []
         dense = PrefillConfig(method="dense")
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.attn.qkv(layer.attn_norm(x), positions, inv_freq)
-            o = attention.prefill(q, k, v, lengths, dense if i < method.dense_layers else method)
-            if trace:
-                traces.append(o)
-            if cache_len is not None:
-                cache.append(attention.cache_from_prefill(k, v, cache_len))
-            x = x + layer.attn.out(o)
-            x = x + layer.mlp(layer.mlp_norm(x))
-        return x, (tuple(cache) if cache_len is not None else None), (
-            jnp.stack(traces) if trace else None)
+            def attend(q, k, v, i=i):
+                o = attention.prefill(q, k, v, lengths, dense if i < method.dense_layers else method)
+                written = None if cache is None else attention.write_prompt(cache[0][i], k, v, *cache[1:])
+                return o, (written, o if trace else None)
 
-    def decode(self, tokens: jax.Array, lengths: jax.Array, cache, method: DecodeConfig,
-               record: bool = False):
-        """One decode step. tokens `[b]` at positions `lengths` `[b]`; returns (logits `[b, vocab]`, cache).
+            x, (written, o) = layer(x, positions, inv_freq, attend)
+            pages.append(written)
+            traces.append(o)
+        return x, (tuple(pages) if cache is not None else None), (jnp.stack(traces) if trace else None)
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, active: jax.Array, pages, page_table: jax.Array,
+               method: DecodeConfig, record: bool = False):
+        """One decode step over the paged cache. tokens `[b]` at `positions [b]` (the row's length so far),
+        `active [b]` (inactive rows write nothing and attend to nothing); pages and page_table as in
+        `delta_jax.cache`. Returns (logits `[b, vocab]`, pages).
 
         Every layer appends its key and value; the attention per layer follows the method's schedule.
         With `record`, also returns per layer its own softmax mass per page `[layers, b, pages]`, its own
@@ -179,24 +196,27 @@ class Decoder(nnx.Module):
         a shared selection covers a layer.
         """
         inv_freq = rope_frequencies(self.cfg)
-        positions = lengths[:, None]
         x = self.embed(tokens[:, None])
         roles = method.schedule(self.cfg.num_layers)
-        new_cache, selection, records = [], None, []
+        new_pages, selection, records = [], None, []
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.attn.qkv(layer.attn_norm(x), positions, inv_freq)
-            kc, vc = attention.cache_append(cache[i], k[:, 0], v[:, 0], lengths)
-            new_cache.append((kc, vc))
-            o, selection = attention.decode(q[:, 0], kc, vc, lengths + 1, roles[i], selection, method)
+            def attend(q, k, v, i=i, selection=selection):
+                o, written, selection = attention.decode(q[:, 0], k[:, 0], v[:, 0], pages[i], page_table, positions,
+                                                         active, roles[i], selection, method)
+                return o[:, None], (written, selection, q[:, 0])
+
+            x, (written, selection, q) = layer(x, positions[:, None], inv_freq, attend)
+            new_pages.append(written)
             if record:
+                from delta_jax.cache import gather
                 from delta_jax.delta import page_stats
                 b = tokens.shape[0]
                 used = roles[i] == "sparse" or (method.variant == "per_layer" and roles[i] != "full")
                 idx = selection[0] if used else jnp.zeros((b, method.budget), jnp.int32)
                 valid = selection[1] if used else jnp.zeros((b, method.budget), bool)
-                records.append((*page_stats(q[:, 0], kc, lengths + 1, method.page_size), idx, valid))
-            x = x + layer.attn.out(o[:, None])
-            x = x + layer.mlp(layer.mlp_norm(x))
+                kc = gather(written[0], page_table)
+                records.append((*page_stats(q, kc, jnp.where(active, positions + 1, 0), method.page_size), idx, valid))
+        logits = self.logits(x[:, 0])
         if record:
-            return self.logits(x[:, 0]), tuple(new_cache), tuple(jnp.stack(r) for r in zip(*records))
-        return self.logits(x[:, 0]), tuple(new_cache)
+            return logits, tuple(new_pages), tuple(jnp.stack(r) for r in zip(*records))
+        return logits, tuple(new_pages)

@@ -1,6 +1,7 @@
 """The device mesh and the one rule table mapping logical axis names to mesh axes.
 
-Mesh axes: `data` (batch) and `model` (attention heads, MLP, vocabulary). A logical axis whose
+Mesh axes: `data` (batch, decode slots and the KV pages they own) and `model` (attention heads, MLP,
+vocabulary). A logical axis whose
 size the mesh axis does not divide is replicated (for example 3 KV heads on a `model` axis of 2).
 """
 
@@ -19,6 +20,8 @@ from delta_jax.config import ConfigError, ModelConfig
 
 RULES = {
     "batch": "data",
+    "slots": "data",
+    "pages": "data",
     "heads": "model",
     "kv_heads": "model",
     "mlp": "model",
@@ -28,7 +31,7 @@ RULES = {
     "head_dim": None,
 }
 
-CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
+POOL_AXES = ("kv_heads", "pages", None, "head_dim")  # [kv_heads, pages, page_size, head_dim]
 
 _PARAM_AXES = (
     (r"embed/embedding$", ("vocab", "embed")),
@@ -106,13 +109,23 @@ def param_sharding(path: str, mesh: Mesh, cfg: ModelConfig) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
-def cache_sharding(shape, mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, spec_for(CACHE_AXES, shape, mesh))
+def pool_sharding(shape, mesh: Mesh) -> NamedSharding:
+    """Sharding of one layer's pages `[kv_heads, pages, page_size, head_dim]` (`delta_jax.cache`)."""
+    return NamedSharding(mesh, spec_for(POOL_AXES, shape, mesh))
 
 
-def heads_sharded(cfg: ModelConfig, mesh: Optional[Mesh]) -> bool:
-    """Whether attention runs per head shard (KV heads divisible by the `model` axis)."""
-    return mesh is not None and mesh.shape["model"] > 1 and cfg.num_kv_heads % mesh.shape["model"] == 0
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def slot_sharding(ndim: int, mesh: Mesh) -> NamedSharding:
+    """Sharding of a per-slot array `[slots, ...]`: slots over `data` (the pool's pages follow them)."""
+    return NamedSharding(mesh, P(RULES["slots"], *([None] * (ndim - 1))))
+
+
+def heads_divide(kv_heads: int, mesh: Optional[Mesh]) -> bool:
+    """Whether attention runs per head shard (`kv_heads` divisible by a `model` axis larger than 1)."""
+    return mesh is not None and mesh.shape["model"] > 1 and kv_heads % mesh.shape["model"] == 0
 
 
 @contextlib.contextmanager

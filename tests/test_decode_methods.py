@@ -7,6 +7,7 @@ from flax import nnx
 
 from delta_jax.config import ConfigError, DecodeConfig, ModelConfig, PrefillConfig
 from delta_jax.engine import Engine
+from tests.paged_cache import prefill_into_pages
 
 CFG = ModelConfig(model_type="llama", vocab_size=200, hidden_size=64, intermediate_size=128, num_layers=6,
                   num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=1024)
@@ -18,14 +19,13 @@ def engine():
 
 
 def _step_logits(engine, prompt, method, steps=3):
-    """Logits of `steps` decode steps after a dense prefill, feeding fixed tokens."""
+    """Logits of `steps` decode steps after a dense prefill into a fragmented page pool, feeding fixed tokens."""
     model = nnx.merge(engine.graphdef, engine.state)
-    tokens = jnp.asarray([prompt], jnp.int32)
-    lengths = jnp.asarray([len(prompt)], jnp.int32)
-    _, cache, _ = model.prefill(tokens, lengths, PrefillConfig(), cache_len=256)
+    _, pages, table = prefill_into_pages(model, prompt, PrefillConfig(), page_size=16)
     out = []
     for i in range(steps):
-        logits, cache = model.decode(jnp.asarray([11 + i], jnp.int32), lengths + i, cache, method)
+        logits, pages = model.decode(jnp.asarray([11 + i], jnp.int32), jnp.asarray([len(prompt) + i], jnp.int32),
+                                     jnp.asarray([True]), pages, table, method)
         out.append(np.asarray(logits[0]))
     return np.stack(out)
 

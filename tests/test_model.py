@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from checkpoints import convert  # noqa: E402
 from delta_jax.config import ConfigError, ModelConfig  # noqa: E402
 from delta_jax.engine import Engine  # noqa: E402
+from tests.paged_cache import prefill_into_pages  # noqa: E402
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -71,23 +72,16 @@ def test_cached_decoding_equals_full_forward(tiny_models):
     # position len(prompt) - 1 + i predicts new token i: greedy decoding must pick the argmax there
     greedy = np.argmax(full[len(prompt) - 1:-1], axis=-1)
     assert greedy.tolist() == out.tokens[:len(greedy)]
-    # and the decode step's logits equal the full forward pass's logits
-    tokens, lengths = engine._batch([prompt + out.tokens[:5]], 8)
-    cache_len = 128
-    pre = engine._prefill_fn(engine_method("dense"), cache_len)
-    import jax
+    # and the decode step's logits over the paged cache equal the full forward pass's logits
     import jax.numpy as jnp
-    pt, pl_ = engine._batch([prompt], 8)
-    logits, cache = jax.jit(pre)(engine.state, pt, pl_)
-    np.testing.assert_allclose(np.asarray(logits[0]), full[len(prompt) - 1], atol=1e-4)
     from flax import nnx
     model = nnx.merge(engine.graphdef, engine.state)
-    pos = jnp.asarray([len(prompt)], jnp.int32)
+    logits, pages, table = prefill_into_pages(model, prompt, engine_method("dense"))
+    np.testing.assert_allclose(np.asarray(logits[0]), full[len(prompt) - 1], atol=1e-4)
     for i in range(5):
-        step_logits, cache = model.decode(jnp.asarray([out.tokens[i]], jnp.int32), pos, cache,
-                                          engine_method("dense", decode=True))
+        step_logits, pages = model.decode(jnp.asarray([out.tokens[i]], jnp.int32), jnp.asarray([len(prompt) + i]),
+                                          jnp.asarray([True]), pages, table, engine_method("dense", decode=True))
         np.testing.assert_allclose(np.asarray(step_logits[0]), full[len(prompt) + i], atol=1e-4)
-        pos = pos + 1
 
 
 def engine_method(name, decode=False):

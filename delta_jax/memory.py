@@ -1,0 +1,59 @@
+"""What a request needs in device memory, against what the device has: refuse before compiling.
+
+Estimates (per device): the KV pages, the prefill activations of the largest prefill batch, and the
+sampling logits. The weights are already on the device when these are checked, so the figure they are
+compared with is the device's free memory (accelerators: `bytes_limit - bytes_in_use`; the CPU: the
+host's available memory, shared by every simulated device).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from delta_jax.config import ConfigError, ModelConfig
+from delta_jax.model import MLP_CHUNK
+
+GiB = 2**30
+HEADROOM = 0.9  # share of the free memory a request may plan to use (XLA's temporaries, fragmentation)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
+    """Keys and values of one token in every layer."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def prefill_bytes(cfg: ModelConfig, batch: int, tokens: int, dtype, model_shards: int = 1) -> int:
+    """Peak activations of one prefill of `batch x tokens` (per device, heads and MLP split over `model_shards`)."""
+    s, n = jnp.dtype(dtype).itemsize, batch * tokens
+    heads = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim // model_shards
+    per_token = (s * (4 * cfg.hidden_size + 2 * heads)            # residual, norm, attention out; q, k, v, o
+                 + 4 * (2 * cfg.num_heads * cfg.head_dim // model_shards)   # float32 partial outputs of the kernels
+                 + 4 * 3 * cfg.head_dim)                          # rotary angles
+    mlp = batch * min(tokens, MLP_CHUNK) * 3 * cfg.intermediate_size * s // model_shards
+    return n * per_token + mlp + batch * cfg.vocab_size * 4
+
+
+def free_bytes(devices=None) -> tuple[int, str]:
+    """(free bytes, what they are) on the first of `devices`: the accelerator's, or the host's on the CPU."""
+    dev = (devices or jax.local_devices())[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f"{dev.device_kind} free"
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info["MemAvailable"], "host memory available"
+
+
+def check(parts: dict[str, int], *, devices_sharing: int = 1, hint: str, free: Optional[int] = None) -> None:
+    """Raises ConfigError naming what is needed and what is free when `parts` (bytes per device) do not fit.
+
+    `devices_sharing`: devices whose memory is the same pool (simulated CPU devices share the host's)."""
+    avail, what = free_bytes() if free is None else (free, "free")
+    need = sum(parts.values()) * devices_sharing
+    if need > HEADROOM * avail:
+        detail = ", ".join(f"{k} {v * devices_sharing / GiB:.1f} GiB" for k, v in parts.items() if v)
+        raise ConfigError(f"this needs {need / GiB:.1f} GiB ({detail}) but {avail / GiB:.1f} GiB is {what} "
+                          f"(the weights already loaded); {hint}")

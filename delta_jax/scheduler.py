@@ -1,0 +1,357 @@
+"""Continuous batching over the paged KV cache: a waiting queue, decode slots, admission by free pages.
+
+Each scheduling step (`Scheduler.step`):
+1. releases slots whose requests stopped on the host (stop string, cancellation) and frees their pages;
+2. admits waiting requests while a slot and enough free pages exist (pages for the prompt plus
+   `max_tokens`, reserved at admission, so a running request never runs out), prefills each whole prompt
+   (batched when several fit one compiled shape) straight into its pages, and inserts the rows into
+   their slots;
+3. dispatches one chunk of `chunk` decode steps on the device (`delta_jax.steps`);
+4. reads the previous chunk's tokens while this one runs, streams them, and retires finished requests.
+
+`Engine.generate` and `delta-jax serve` both drive this one decode path.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from delta_jax import cache, memory, sharding
+from delta_jax.cache import CacheSpec, PageAllocator
+from delta_jax.config import ConfigError, DecodeConfig, PrefillConfig
+from delta_jax.steps import Slots, empty_slots
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request and, as it runs, its output.
+
+    `on_token(request, token, text_delta)` is called for every new token (from the scheduler's thread);
+    `events` receives `("token", token, text_delta)` and finally `("done", finish_reason)`.
+    finish_reason: "eos" (an end-of-sequence token), "stop" (a stop string), "length" (`max_tokens`) or "abort".
+    """
+
+    prompt: list[int]
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    on_token: Optional[Callable] = None
+    id: str = dataclasses.field(default_factory=lambda: f"req-{next(_ids)}")
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: Optional[str] = None
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    prefill_seconds: float = 0.0
+    events: "queue.Queue" = dataclasses.field(default_factory=queue.Queue, repr=False)
+    _sent: int = 0          # characters of text already streamed
+    _slot: int = -1
+    _pages: tuple = ()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Scheduler:
+    """Continuous batching of `slots` decode rows over a pool of `num_pages` pages (see module doc).
+
+    Thread safety: `submit`, `cancel` and `metrics` may be called from any thread; `step` from one.
+    """
+
+    def __init__(self, engine, prefill: PrefillConfig, decode: DecodeConfig, *, slots: int, pages_per_seq: int,
+                 num_pages: int, chunk: int = 16, max_prefill_tokens: Optional[int] = None):
+        self.engine = engine
+        self.prefill_method, self.decode_method = prefill, decode
+        if decode.method == "delta":
+            decode.schedule(engine.config.num_layers)  # validate before compiling
+        mesh = engine.mesh
+        shards = mesh.shape["data"] if mesh is not None else 1
+        slots = -(-slots // shards) * shards
+        num_pages = -(-num_pages // shards) * shards
+        self.spec = CacheSpec.for_model(engine.config, page_size=decode.page_size, num_pages=num_pages,
+                                        pages_per_seq=pages_per_seq, slots=slots, shards=shards,
+                                        dtype=jnp.dtype(engine.dtype).name)
+        self.chunk = int(chunk)
+        if self.chunk < 1:
+            raise ConfigError(f"chunk must be >= 1 decode steps, got {chunk}")
+        self.max_prefill_tokens = max_prefill_tokens or self.spec.max_tokens
+        self.alloc = PageAllocator(self.spec)
+        pool_sh = None if mesh is None else sharding.pool_sharding(cache.pool_shape(self.spec), mesh)
+        self.pages = cache.empty_pool(self.spec, pool_sh)
+        host = empty_slots(slots, pages_per_seq)
+        if mesh is None:
+            self.slots = Slots(*(jnp.asarray(x) for x in host))
+        else:
+            self.slots = Slots(*(jax.device_put(x, sharding.slot_sharding(x.ndim, mesh)) for x in host))
+        self.running: list[Optional[Request]] = [None] * slots
+        self.waiting: collections.deque[Request] = collections.deque()
+        self._lock = threading.Lock()
+        self._cancelled: set[str] = set()
+        self._release: list[int] = []
+        self._pending = None
+        self._eos = set(engine.eos_ids)
+        self.stats = {"requests": 0, "finished": 0, "tokens": 0, "prefill_tokens": 0, "peak_pages": 0,
+                      "ttft": collections.deque(maxlen=1000), "decode_seconds": 0.0}
+        self._token_times: collections.deque = collections.deque(maxlen=4096)
+
+    # ------------------------------------------------------------------ requests in
+    def check(self, req: Request) -> None:
+        """Raises ConfigError when `req` can never run here (one line naming the value)."""
+        n, spec = len(req.prompt), self.spec
+        if n == 0:
+            raise ConfigError("empty prompt: nothing to condition on")
+        if req.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be >= 1, got {req.max_tokens}")
+        if req.temperature < 0 or not 0 < req.top_p <= 1:
+            raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {req.temperature}, {req.top_p}")
+        bad = [t for t in req.prompt if not 0 <= t < self.engine.config.vocab_size]
+        if bad:
+            raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary (size {self.engine.config.vocab_size})")
+        if n + req.max_tokens > spec.max_tokens:
+            raise ConfigError(f"prompt of {n} tokens plus {req.max_tokens} new tokens exceeds the cache length "
+                              f"max_seq_len={spec.max_tokens}")
+        need = cache.pages_for(n + req.max_tokens, spec.page_size)
+        if need > self.alloc.capacity:
+            raise ConfigError(f"prompt of {n} tokens plus {req.max_tokens} new tokens needs {need} pages of "
+                              f"{spec.page_size}; the KV cache holds {self.alloc.capacity} per data shard")
+
+    def submit(self, req: Request) -> Request:
+        """Queues `req` (validated: raises ConfigError if it can never run)."""
+        self.check(req)
+        with self._lock:
+            req.arrival = time.perf_counter()
+            self.waiting.append(req)
+            self.stats["requests"] += 1
+        return req
+
+    def cancel(self, request_id: str) -> None:
+        """Stops a request (a client went away); its slot and pages are released at the next step."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.running) or self._pending is not None
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> None:
+        """One scheduling step (see the module doc)."""
+        self._release_stopped()
+        self._admit()
+        previous, self._pending = self._pending, self._dispatch()
+        if previous is not None:
+            self._collect(*previous)
+
+    def run(self) -> None:
+        """Steps until every submitted request has finished."""
+        while self.has_work():
+            self.step()
+
+    # ------------------------------------------------------------------ internals
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        req.finish_time = time.perf_counter()
+        rest, _ = self._text_delta(req, final=True)
+        if rest:
+            self._send(req, None, rest)
+        self.stats["finished"] += 1
+        req.events.put(("done", reason))
+
+    def _release_stopped(self) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            for req in [r for r in self.waiting if r.id in cancelled]:
+                self.waiting.remove(req)
+                self._finish(req, "abort")
+        for slot, req in enumerate(self.running):
+            if req is not None and req.id in cancelled and not req.done:
+                self._finish(req, "abort")
+            if req is not None and req.done:
+                self._release.append(slot)
+        if not self._release:
+            return
+        self.slots = self.engine.steps.deactivate(self.slots, jnp.asarray(self._release, jnp.int32))
+        for slot in self._release:
+            req = self.running[slot]
+            self.alloc.free(self.alloc.shard_of(slot), req._pages)
+            self.running[slot] = None
+        self._release = []
+
+    def _admit(self) -> None:
+        admitted = []
+        with self._lock:
+            while self.waiting:
+                req = self.waiting[0]
+                need = cache.pages_for(len(req.prompt) + req.max_tokens, self.spec.page_size)
+                slot = next((s for s, r in enumerate(self.running) if r is None
+                             and self.alloc.free_pages(self.alloc.shard_of(s)) >= need), None)
+                if slot is None:
+                    break
+                self.waiting.popleft()
+                req._slot, req._pages = slot, tuple(self.alloc.alloc(self.alloc.shard_of(slot), need))
+                self.running[slot] = req
+                admitted.append(req)
+        self.stats["peak_pages"] = max(self.stats["peak_pages"], self.alloc.pages_in_use())
+        group: list[Request] = []
+        for req in sorted(admitted, key=lambda r: len(r.prompt)):
+            if group and self._prefill_tokens(group + [req]) > self.max_prefill_tokens:
+                self._prefill(group)
+                group = []
+            group.append(req)
+        if group:
+            self._prefill(group)
+
+    def _prefill_tokens(self, group: Sequence[Request]) -> int:
+        return cache.pow2(len(group)) * prefill_length(max(len(r.prompt) for r in group))
+
+    def _prefill(self, group: list[Request]) -> None:
+        """Prefills `group` in one batch into its pages and inserts the rows into their slots."""
+        b, t = cache.pow2(len(group)), prefill_length(max(len(r.prompt) for r in group))
+        w = self.spec.pages_per_seq
+        tokens = np.zeros((b, t), np.int32)
+        lengths = np.ones(b, np.int32)
+        row_shard = np.full(b, -1, np.int32)
+        seeds = np.zeros(b, np.int32)
+        temperature = np.zeros(b, np.float32)
+        top_p = np.ones(b, np.float32)
+        table = np.zeros((b, w), np.int32)
+        for i, r in enumerate(group):
+            tokens[i, :len(r.prompt)] = r.prompt
+            lengths[i] = len(r.prompt)
+            row_shard[i] = self.alloc.shard_of(r._slot)
+            seeds[i], temperature[i], top_p[i] = r.seed, r.temperature, r.top_p
+            table[i, :len(r._pages)] = r._pages
+        steps = self.engine.steps
+        t0 = time.perf_counter()
+        first, self.pages = steps.prefill(self.prefill_method, self.engine.state, self.pages, *map(jnp.asarray, (
+            tokens, lengths, table, row_shard, seeds, temperature, top_p)))
+        first = np.asarray(first)
+        now = time.perf_counter()
+        seconds = now - t0 - steps.last_compile_seconds
+        self.stats["prefill_tokens"] += int(lengths[:len(group)].sum())
+        n = len(group)
+        active = np.zeros(n, bool)
+        for i, r in enumerate(group):
+            r.prefill_seconds, r.first_token_time = seconds, now
+            self.stats["ttft"].append(now - r.arrival)
+            self._emit(r, int(first[i]))
+            active[i] = not r.done
+        rows = Slots(page_table=table[:n], tokens=first[:n], positions=lengths[:n], active=active,
+                     remaining=np.asarray([r.max_tokens - 1 for r in group], np.int32),
+                     counts=np.ones(n, np.int32), seeds=seeds[:n], temperature=temperature[:n], top_p=top_p[:n])
+        index = np.asarray([r._slot for r in group], np.int32)
+        self.slots = steps.insert(self.slots, jnp.asarray(index), Slots(*map(jnp.asarray, rows)))
+
+    def _dispatch(self):
+        live = [r for r in self.running if r is not None and not r.done]
+        if not live:
+            return None
+        t0 = time.perf_counter()
+        self.pages, self.slots, out = self.engine.steps.decode(self.decode_method, self.chunk, self.engine.state,
+                                                              self.pages, self.slots)
+        return out, list(self.running), t0 + self.engine.steps.last_compile_seconds
+
+    def _collect(self, out, snapshot, t0) -> None:
+        tokens = np.asarray(out)
+        self.stats["decode_seconds"] += time.perf_counter() - t0
+        for slot, req in enumerate(snapshot):
+            if req is None or req.done:
+                continue
+            for tok in tokens[slot]:
+                if tok < 0 or req.done:
+                    break
+                self._emit(req, int(tok))
+
+    def _emit(self, req: Request, token: int) -> None:
+        """Records a new token of `req`, streams it, and finishes the request on EOS, a stop string or length."""
+        req.tokens.append(token)
+        self.stats["tokens"] += 1
+        self._token_times.append(time.perf_counter())
+        if token in self._eos:
+            self._send(req, token, "")
+            self._finish(req, "eos")
+            return
+        delta, stopped = self._text_delta(req)
+        self._send(req, token, delta)
+        if stopped:
+            self._finish(req, "stop")
+        elif len(req.tokens) >= req.max_tokens:
+            self._finish(req, "length")
+
+    @staticmethod
+    def _send(req: Request, token: Optional[int], delta: str) -> None:
+        req.events.put(("token", token, delta))
+        if req.on_token is not None:
+            req.on_token(req, token, delta)
+
+    def _text_delta(self, req: Request, final: bool = False) -> tuple[str, bool]:
+        """(new text to stream, whether a stop string appeared). The text is cut before the first stop
+        string; until `final`, text that could still begin a stop string or ends in an incomplete
+        character is held back."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            return "", False
+        ids = req.tokens[:-1] if req.finish_reason == "eos" else req.tokens
+        text = tok.decode(ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+        req.text = text
+        end = len(text)
+        if not final and cut < 0:
+            end -= max((len(s) - 1 for s in req.stop), default=0)
+            while end > req._sent and text[end - 1] == "\ufffd":
+                end -= 1
+        delta = text[req._sent:end] if end > req._sent else ""
+        req._sent += len(delta)
+        return delta, cut >= 0
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self) -> dict:
+        """Queue length, running requests, pages in use, time to first token and recent tokens/s."""
+        with self._lock:
+            ttft = sorted(self.stats["ttft"])
+            times = list(self._token_times)
+        window = [t for t in times if t >= time.perf_counter() - 10.0]
+        return {
+            "waiting": len(self.waiting),
+            "running": sum(r is not None and not r.done for r in self.running),
+            "slots": self.spec.slots,
+            "pages_in_use": self.alloc.pages_in_use(),
+            "pages_total": self.spec.shards * self.alloc.capacity,
+            "peak_pages_in_use": self.stats["peak_pages"],
+            "page_size": self.spec.page_size,
+            "requests": self.stats["requests"],
+            "finished": self.stats["finished"],
+            "generated_tokens": self.stats["tokens"],
+            "prefill_tokens": self.stats["prefill_tokens"],
+            "ttft_p50_seconds": _quantile(ttft, 0.5),
+            "ttft_p99_seconds": _quantile(ttft, 0.99),
+            "tokens_per_second": len(window) / 10.0,
+        }
+
+
+def prefill_length(n: int) -> int:
+    """Compiled prompt length for a prompt of `n` tokens: the cache ladder, at least and a multiple of 128."""
+    return -(-cache.ladder(n, 128) // 128) * 128
+
+
+def _quantile(xs: list, q: float) -> Optional[float]:
+    if not xs:
+        return None
+    return float(xs[min(len(xs) - 1, int(q * len(xs)))])

@@ -1,0 +1,178 @@
+"""The jit-compiled steps: prefill into pages, insert into decode slots, and the multi-step decode loop.
+
+The decode loop runs `steps` decode steps per dispatch on the device (a `while_loop` that stops early
+when no slot is active): the token buffer, per-slot done flags, lengths and sampling state stay on the
+device, and the host reads a chunk's tokens while the next chunk runs. Compiled shapes: the prefill per
+(batch, prompt bucket, pool), the loop per (slots, pages_per_seq, pool); `delta_jax.cache.ladder` bounds them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from delta_jax import sharding
+from delta_jax.config import DecodeConfig, PrefillConfig
+from delta_jax.sampling import row_keys, sample
+
+
+class Slots(NamedTuple):
+    """Decode state per slot `[slots, ...]`: what the device loop reads and updates."""
+
+    page_table: jax.Array   # int32 [S, pages_per_seq]: local page numbers
+    tokens: jax.Array       # int32 [S]: the last sampled token, not yet in the cache
+    positions: jax.Array    # int32 [S]: tokens in the cache
+    active: jax.Array       # bool [S]
+    remaining: jax.Array    # int32 [S]: tokens still to sample after `tokens`
+    counts: jax.Array       # int32 [S]: tokens sampled so far (the sampling key's counter)
+    seeds: jax.Array        # int32 [S]
+    temperature: jax.Array  # float32 [S]
+    top_p: jax.Array        # float32 [S]
+
+
+def empty_slots(slots: int, pages_per_seq: int) -> Slots:
+    """Host arrays of `slots` inactive slots."""
+    z = np.zeros(slots, np.int32)
+    return Slots(np.zeros((slots, pages_per_seq), np.int32), z, z, np.zeros(slots, bool), z, z, z,
+                 np.zeros(slots, np.float32), np.ones(slots, np.float32))
+
+
+def _log(msg: str, progress: bool):
+    if progress:
+        print(f"[delta-jax] {msg}", file=sys.stderr, flush=True)
+
+
+class Steps:
+    """The compiled steps of one model on one mesh, compiled once per method and shape."""
+
+    def __init__(self, graphdef, mesh, eos: tuple[int, ...], progress: bool):
+        self.graphdef = graphdef
+        self.mesh = mesh
+        self.eos = tuple(sorted(set(eos))) or (-1,)
+        self.progress = progress
+        self._fns: dict = {}
+        self._compiled: dict = {}
+        self.last_compile_seconds = 0.0  # compile time spent by the last call (0 when it reused a compile)
+
+    # ------------------------------------------------------------------ dispatch with compile logging
+    def run(self, key, fn, args, what: str, **jit_kw):
+        """`jax.jit(fn, **jit_kw)(*args)`, compiled ahead once per `key` and argument shapes and shardings
+        (`key` names everything `fn` closes over: kind, method, static sizes)."""
+        return self._run(key, lambda: jax.jit(fn, **jit_kw), args, what)
+
+    def _run(self, key, make, args, what: str):
+        if key not in self._fns:
+            self._fns[key] = make()
+        sig = (key, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", "")), getattr(x, "sharding", None))
+                          for x in jax.tree.leaves(args)))
+        self.last_compile_seconds = 0.0
+        if sig not in self._compiled:
+            _log(f"compiling {what}", self.progress)
+            t0 = time.perf_counter()
+            with sharding.use_mesh(self.mesh):
+                self._compiled[sig] = self._fns[key].lower(*args).compile()
+            self.last_compile_seconds = time.perf_counter() - t0
+            _log(f"compiled {what} in {self.last_compile_seconds:.1f}s", self.progress)
+        return self._compiled[sig](*args)
+
+    def _shardings(self, pages):
+        if self.mesh is None:
+            return None, None
+        pool = tuple((x.sharding, y.sharding) for x, y in pages)
+        return pool, sharding.slot_sharding(1, self.mesh)
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, method: PrefillConfig, state, pages, tokens, lengths, page_table, row_shard, seeds,
+                temperature, top_p):
+        """Runs prompts `tokens [b, T]` and writes their keys and values into `pages` (donated) through
+        `page_table [b, W]`; returns (first sampled token `[b]`, pages)."""
+        graphdef = self.graphdef
+
+        def fn(state, pages, tokens, lengths, page_table, row_shard, seeds, temperature, top_p):
+            model = nnx.merge(graphdef, state)
+            h, pages, _ = model.prefill(tokens, lengths, method, cache=(pages, page_table, row_shard))
+            last = h[jnp.arange(h.shape[0]), lengths - 1]
+            first = sample(model.logits(last), row_keys(seeds, jnp.zeros_like(seeds)), temperature, top_p)
+            return first, pages
+
+        def make():
+            pool, _ = self._shardings(pages)
+            kw = {} if pool is None else {"out_shardings": (sharding.replicated(self.mesh), pool)}
+            return jax.jit(fn, donate_argnums=(1,), **kw)
+
+        return self._run(("prefill", method), make,
+                         (state, pages, tokens, lengths, page_table, row_shard, seeds, temperature, top_p),
+                         f"prefill {method.method} for {tuple(tokens.shape)}")
+
+    # ------------------------------------------------------------------ slots
+    def insert(self, slots: Slots, index, rows: Slots) -> Slots:
+        """Writes `rows` (each field `[n, ...]`) into the slots `index [n]` (donated)."""
+
+        def make():
+            kw = {}
+            if self.mesh is not None:
+                kw["out_shardings"] = Slots(*(sharding.slot_sharding(np.ndim(x), self.mesh) for x in slots))
+            return jax.jit(lambda s, i, r: Slots(*(a.at[i].set(b.astype(a.dtype)) for a, b in zip(s, r))),
+                           donate_argnums=(0,), **kw)
+
+        return self._run(("insert", None), make, (slots, index, rows), f"slot insert of {len(index)}")
+
+    def deactivate(self, slots: Slots, index) -> Slots:
+        """Marks the slots `index [n]` inactive (their rows stop writing and attending)."""
+
+        def make():
+            kw = {}
+            if self.mesh is not None:
+                kw["out_shardings"] = Slots(*(sharding.slot_sharding(np.ndim(x), self.mesh) for x in slots))
+            return jax.jit(lambda s, i: s._replace(active=s.active.at[i].set(False)), donate_argnums=(0,), **kw)
+
+        return self._run(("deactivate", None), make, (slots, index), f"slot release of {len(index)}")
+
+    # ------------------------------------------------------------------ decode loop
+    def decode(self, method: DecodeConfig, steps: int, state, pages, slots: Slots):
+        """Up to `steps` decode steps for every active slot (stopping early when none is left).
+
+        Returns (pages, slots, tokens `int32 [S, steps]`: the token each slot sampled at each step, -1
+        where it was inactive). A slot stops after an EOS token or when its `remaining` count runs out.
+        """
+        graphdef, eos = self.graphdef, self.eos
+
+        def fn(state, pages, slots):
+            model = nnx.merge(graphdef, state)
+            eos_ids = jnp.asarray(eos, jnp.int32)
+            out = jnp.full((slots.tokens.shape[0], steps), -1, jnp.int32)
+
+            def body(carry):
+                i, pages, s, out = carry
+                logits, pages = model.decode(s.tokens, s.positions, s.active, pages, s.page_table, method)
+                nxt = sample(logits, row_keys(s.seeds, s.counts), s.temperature, s.top_p)
+                a = s.active
+                out = out.at[:, i].set(jnp.where(a, nxt, -1))
+                remaining = s.remaining - a
+                stop = jnp.any(nxt[:, None] == eos_ids[None, :], -1) | (remaining <= 0)
+                s = s._replace(tokens=jnp.where(a, nxt, s.tokens), positions=s.positions + a,
+                               active=a & ~stop, remaining=remaining, counts=s.counts + a)
+                return i + 1, pages, s, out
+
+            def cond(carry):
+                return (carry[0] < steps) & jnp.any(carry[2].active)
+
+            _, pages, slots, out = jax.lax.while_loop(cond, body, (jnp.int32(0), pages, slots, out))
+            return pages, slots, out
+
+        def make():
+            kw = {}
+            pool, row = self._shardings(pages)
+            if pool is not None:
+                kw["out_shardings"] = (pool, Slots(*(sharding.slot_sharding(np.ndim(x), self.mesh) for x in slots)),
+                                       sharding.slot_sharding(2, self.mesh))
+            return jax.jit(fn, donate_argnums=(1, 2), **kw)
+
+        return self._run(("decode", method, steps), make, (state, pages, slots),
+                         f"decode loop ({method.method}, {steps} steps) for {slots.tokens.shape[0]} slots")

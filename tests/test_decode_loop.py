@@ -1,0 +1,139 @@
+"""The decode loop on the device and the scheduler: the same tokens as step-by-step decoding."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from delta_jax import cache
+from delta_jax.config import ConfigError, DecodeConfig, ModelConfig, PrefillConfig
+from delta_jax.engine import Engine
+from delta_jax.scheduler import Request
+from tests.paged_cache import prefill_into_pages
+
+CFG = ModelConfig(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=4,
+                  num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=1024)
+DELTA = DecodeConfig(method="delta", full_layers=(0,), selection_layers=(1,), page_size=16, budget=3, recent=1)
+
+
+class CharTokenizer:
+    """Token i is the character chr(97 + i % 26): enough to test text streaming and stop strings."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_config(CFG, dtype="float32", seed=3, tokenizer=CharTokenizer())
+
+
+def _prompts(seed=0, lengths=(150, 37, 90)):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, CFG.vocab_size, n).tolist() for n in lengths]
+
+
+def step_by_step(engine, prompt, method, n):
+    """Greedy tokens from one decode step per call: the reference for the device loop."""
+    model = nnx.merge(engine.graphdef, engine.state)
+    logits, pages, table = prefill_into_pages(model, prompt, PrefillConfig(), page_size=method.page_size, extra=n)
+    toks = [int(jnp.argmax(logits[0]))]
+    for i in range(n - 1):
+        logits, pages = model.decode(jnp.asarray([toks[-1]], jnp.int32), jnp.asarray([len(prompt) + i], jnp.int32),
+                                     jnp.asarray([True]), pages, table, method)
+        toks.append(int(jnp.argmax(logits[0])))
+    return toks
+
+
+@pytest.mark.parametrize("method", [DecodeConfig(), DELTA], ids=["dense", "delta"])
+def test_device_loop_equals_step_by_step(engine, method):
+    prompts = _prompts()
+    got = engine.generate(prompts, max_new_tokens=9, decode=method, chunk=4)
+    for p, g in zip(prompts, got):
+        assert g.tokens == step_by_step(engine, p, method, 9)
+        assert g.finish_reason == "length"
+
+
+def test_eos_in_the_middle_of_a_batch_and_streaming_order(engine):
+    prompts = _prompts(1)
+    ref = [step_by_step(engine, p, DecodeConfig(), 10) for p in prompts]
+    # an EOS token that row 0 first samples in the middle of its output; other rows stop where they sample it
+    k = next(k for k in range(2, 9) if ref[0][k] not in ref[0][:k])
+    eos = ref[0][k]
+    e = Engine.from_config(dataclasses.replace(CFG, eos_token_ids=(eos,)), dtype="float32", seed=3)
+    streamed = [[] for _ in prompts]
+    got = e.generate(prompts, max_new_tokens=10, chunk=3, on_token=lambda i, t: streamed[i].append(t))
+    assert got[0].tokens == ref[0][:k + 1] and got[0].finish_reason == "eos"
+    for i in (1, 2):
+        cut = ref[i].index(eos) + 1 if eos in ref[i] else 10
+        assert got[i].tokens == ref[i][:cut]
+    assert any(len(g.tokens) == 10 for g in got[1:]), "some row must outlive row 0's EOS"
+    assert streamed == [g.tokens for g in got]
+
+
+def test_stop_strings_and_per_request_sampling(engine):
+    prompts = _prompts(2, (60, 61))
+    full = engine.generate(prompts, max_new_tokens=12)
+    stop = full[0].text[5:7]
+    got = engine.generate(prompts[:1], max_new_tokens=12, stop=[stop])[0]
+    assert got.finish_reason == "stop" and got.text == full[0].text[:full[0].text.index(stop)]
+    # sampling with a seed: the same tokens alone and beside another request
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.8, seed=5)
+    alone = engine.generate(prompts[:1], **kw)[0].tokens
+    assert engine.generate(prompts, **kw)[0].tokens == alone
+    assert engine.generate(prompts[:1], **{**kw, "seed": 6})[0].tokens != alone
+
+
+def test_scheduler_admits_as_pages_free_and_returns_them(engine):
+    prompts = _prompts(3, (100, 70, 120, 40))
+    want = [g.tokens for g in engine.generate(prompts, max_new_tokens=6)]
+    # room for two requests at a time: the others wait for pages, then reuse them
+    need = max(cache.pages_for(len(p) + 6, 16) for p in prompts)
+    sched = engine.scheduler(slots=4, max_seq_len=256, num_pages=2 * need + 1, chunk=2)
+    reqs = [sched.submit(Request(prompt=p, max_tokens=6)) for p in prompts]
+    sched.step()
+    assert sched.metrics()["running"] <= 2 and sched.metrics()["waiting"] >= 2
+    sched.run()
+    assert [r.tokens for r in reqs] == want
+    sched.step()  # releases the last finished slots
+    m = sched.metrics()
+    assert m["pages_in_use"] == 0 and m["running"] == 0 and m["finished"] == 4
+    # a cancelled request frees its slot and pages at the next step
+    r = sched.submit(Request(prompt=prompts[0], max_tokens=200 - len(prompts[0])))
+    sched.step()
+    assert sched.metrics()["pages_in_use"] > 0
+    sched.cancel(r.id)
+    sched.step()
+    sched.step()
+    assert r.finish_reason == "abort" and sched.metrics()["pages_in_use"] == 0
+
+
+def test_requests_that_cannot_fit_are_refused(engine):
+    sched = engine.scheduler(slots=2, max_seq_len=256, num_pages=9)
+    with pytest.raises(ConfigError, match="exceeds the cache length max_seq_len=256"):
+        sched.submit(Request(prompt=[1] * 250, max_tokens=10))
+    with pytest.raises(ConfigError, match="needs 10 pages of 16; the KV cache holds 8"):
+        sched.submit(Request(prompt=[1] * 150, max_tokens=10))
+    with pytest.raises(ConfigError, match="max_tokens must be >= 1"):
+        sched.submit(Request(prompt=[1, 2], max_tokens=0))
+
+
+def test_cache_is_sized_to_the_work(engine):
+    """Pages beyond the longest sequence plus new tokens: at most 1/8, or one page."""
+    for n, new in ((37, 5), (1000, 24), (700, 300)):
+        sched = engine._generate_scheduler([[1] * n], new, PrefillConfig(), DecodeConfig(), 16)
+        need = cache.pages_for(n + new, 16)
+        assert sched.spec.pages_per_seq - need <= max(1, need // 8)
+        assert sched.spec.num_pages - (need + 1) <= max(1, (need + 1) // 8)
+    assert [cache.ladder(n) for n in (1, 16, 17, 100, 1000, 4096, 4097)] == [1, 16, 18, 104, 1024, 4096, 4608]
+
+
+def test_memory_refusal_names_both_figures():
+    big = dataclasses.replace(CFG, num_layers=4, num_kv_heads=2, max_position_embeddings=1 << 24)
+    e = Engine.from_config(big, dtype="float32", max_seq_len=1 << 24)
+    with pytest.raises(ConfigError, match=r"this needs [\d.]+ GiB \(KV cache [\d.]+ GiB.*but [\d.]+ GiB is .*--mesh"):
+        e.generate([[1, 2, 3]] * 4, max_new_tokens=(1 << 24) - 8)
