@@ -248,7 +248,8 @@ class Engine:
                  stop: Sequence[str] = (), on_token: Optional[Callable[[int, int], None]] = None,
                  chunk: int = 16, **params) -> list[GenerateOutput]:
         """Generates up to `max_new_tokens` per prompt (stopping at EOS or a `stop` string). Prompts are text
-        or token ids. Every prompt is one request of a scheduler sized to this call (`Engine.scheduler`).
+        or token ids. Every prompt is one request of a scheduler sized to this call (`Engine.scheduler_for`).
+        The times in the outputs exclude compilation.
 
         `on_token(index, token)` is called for every new token as it is produced (streaming, in order per
         prompt); `chunk` decode steps run per device dispatch.
@@ -267,7 +268,7 @@ class Engine:
         if longest + max_new_tokens > self.max_seq_len:
             raise ConfigError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the cache "
                               f"length max_seq_len={self.max_seq_len}")
-        sched = self._generate_scheduler(seqs, max_new_tokens, prefill, decode, chunk)
+        sched = self.scheduler_for([len(s) for s in seqs], max_new_tokens, prefill, decode, chunk=chunk)
         reqs = []
         for i, s in enumerate(seqs):
             cb = None if on_token is None else (lambda r, t, d, i=i: t is not None and on_token(i, t))
@@ -276,7 +277,7 @@ class Engine:
         sched.run()
         out = []
         for r in reqs:
-            decode_s = r.finish_time - r.first_token_time
+            decode_s = r.finish_time - r.first_token_time - r.compile_seconds
             out.append(GenerateOutput(
                 text=r.text, tokens=r.tokens, prompt_tokens=len(r.prompt), prefill_seconds=r.prefill_seconds,
                 decode_seconds=decode_s,
@@ -284,21 +285,27 @@ class Engine:
                 finish_reason=r.finish_reason))
         return out
 
-    def _generate_scheduler(self, seqs, max_new_tokens, prefill, decode, chunk) -> Scheduler:
-        """A scheduler holding every prompt at once: pages sized to the work (at most 1/8 padding)."""
+    def scheduler_for(self, prompt_lengths: Sequence[int], max_new_tokens: int,
+                      prefill: Union[str, PrefillConfig] = "dense", decode: Union[str, DecodeConfig] = "dense", *,
+                      chunk: int = 16, **params) -> Scheduler:
+        """A scheduler that holds prompts of `prompt_lengths` plus `max_new_tokens` each all at once, its pages
+        sized to that work (at most 1/8 padding): what `generate` runs. Refuses with one line when the pages
+        and the prefill activations cannot fit the device's free memory."""
+        prefill, decode = methods_from(prefill, decode, params)
+        n = len(prompt_lengths)
         ps = decode.page_size
         shards = self.mesh.shape["data"] if self.mesh is not None else 1
-        slots = -(-cache.pow2(len(seqs)) // shards) * shards
-        need = [cache.pages_for(len(s) + max_new_tokens, ps) for s in seqs]
-        per_shard = [1 + sum(need[i] for i in range(len(seqs)) if i // (slots // shards) == d) for d in range(shards)]
+        slots = -(-cache.pow2(n) // shards) * shards
+        need = [cache.pages_for(length + max_new_tokens, ps) for length in prompt_lengths]
+        per_shard = [1 + sum(need[i] for i in range(n) if i // (slots // shards) == d) for d in range(shards)]
         pages = shards * cache.ladder(max(per_shard))
         width = cache.ladder(max(need))
         per_token = memory.kv_bytes_per_token(self.config, self.dtype) // self._model_shards()
         pool = pages * ps * per_token // shards
-        t = prefill_length(max(len(s) for s in seqs))
+        t = prefill_length(max(prompt_lengths))
         act = lambda b: memory.prefill_bytes(self.config, b, t, self.dtype, self._model_shards())  # noqa: E731
         free, _ = memory.free_bytes()
-        batch = cache.pow2(len(seqs))
+        batch = cache.pow2(n)
         while batch > 1 and (pool + act(batch)) * self._sharing() > memory.HEADROOM * free:
             batch //= 2
         memory.check({"KV cache": pool, "prefill activations": act(batch)}, devices_sharing=self._sharing(), free=free,

@@ -8,6 +8,7 @@ host's available memory, shared by every simulated device).
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import jax
@@ -17,7 +18,7 @@ from delta_jax.config import ConfigError, ModelConfig
 from delta_jax.model import MLP_CHUNK
 
 GiB = 2**30
-HEADROOM = 0.9  # share of the free memory a request may plan to use (XLA's temporaries, fragmentation)
+HEADROOM = 0.95  # share of the free memory a request may plan to use (XLA's temporaries, fragmentation)
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
@@ -29,8 +30,8 @@ def prefill_bytes(cfg: ModelConfig, batch: int, tokens: int, dtype, model_shards
     """Peak activations of one prefill of `batch x tokens` (per device, heads and MLP split over `model_shards`)."""
     s, n = jnp.dtype(dtype).itemsize, batch * tokens
     heads = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim // model_shards
-    per_token = (s * (4 * cfg.hidden_size + 2 * heads)            # residual, norm, attention out; q, k, v, o
-                 + 4 * (2 * cfg.num_heads * cfg.head_dim // model_shards)   # float32 partial outputs of the kernels
+    per_token = (s * (3 * cfg.hidden_size + heads)                # residual, norm, o_proj out; q, k, v, o
+                 + 4 * (2 * cfg.num_heads * cfg.head_dim // model_shards)   # float32 outputs inside the attention
                  + 4 * 3 * cfg.head_dim)                          # rotary angles
     mlp = batch * min(tokens, MLP_CHUNK) * 3 * cfg.intermediate_size * s // model_shards
     return n * per_token + mlp + batch * cfg.vocab_size * 4
@@ -55,5 +56,7 @@ def check(parts: dict[str, int], *, devices_sharing: int = 1, hint: str, free: O
     need = sum(parts.values()) * devices_sharing
     if need > HEADROOM * avail:
         detail = ", ".join(f"{k} {v * devices_sharing / GiB:.1f} GiB" for k, v in parts.items() if v)
+        gpu = jax.default_backend() == "gpu" and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ
+        extra = "; jax holds 75% of the GPU by default: XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 raises it" if gpu else ""
         raise ConfigError(f"this needs {need / GiB:.1f} GiB ({detail}) but {avail / GiB:.1f} GiB is {what} "
-                          f"(the weights already loaded); {hint}")
+                          f"(the weights already loaded); {hint}{extra}")

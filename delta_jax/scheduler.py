@@ -58,8 +58,10 @@ class Request:
     first_token_time: Optional[float] = None
     finish_time: Optional[float] = None
     prefill_seconds: float = 0.0
+    compile_seconds: float = 0.0  # compilation between the first token and the finish (excluded from decode times)
     events: "queue.Queue" = dataclasses.field(default_factory=queue.Queue, repr=False)
     _sent: int = 0          # characters of text already streamed
+    _compile_mark: float = 0.0
     _slot: int = -1
     _pages: tuple = ()
 
@@ -107,7 +109,7 @@ class Scheduler:
         self._pending = None
         self._eos = set(engine.eos_ids)
         self.stats = {"requests": 0, "finished": 0, "tokens": 0, "prefill_tokens": 0, "peak_pages": 0,
-                      "ttft": collections.deque(maxlen=1000), "decode_seconds": 0.0}
+                      "ttft": collections.deque(maxlen=1000)}
         self._token_times: collections.deque = collections.deque(maxlen=4096)
 
     # ------------------------------------------------------------------ requests in
@@ -166,6 +168,7 @@ class Scheduler:
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
         req.finish_time = time.perf_counter()
+        req.compile_seconds = self.engine.steps.compile_seconds - req._compile_mark
         rest, _ = self._text_delta(req, final=True)
         if rest:
             self._send(req, None, rest)
@@ -248,6 +251,7 @@ class Scheduler:
         active = np.zeros(n, bool)
         for i, r in enumerate(group):
             r.prefill_seconds, r.first_token_time = seconds, now
+            r._compile_mark = steps.compile_seconds
             self.stats["ttft"].append(now - r.arrival)
             self._emit(r, int(first[i]))
             active[i] = not r.done
@@ -261,14 +265,12 @@ class Scheduler:
         live = [r for r in self.running if r is not None and not r.done]
         if not live:
             return None
-        t0 = time.perf_counter()
         self.pages, self.slots, out = self.engine.steps.decode(self.decode_method, self.chunk, self.engine.state,
                                                               self.pages, self.slots)
-        return out, list(self.running), t0 + self.engine.steps.last_compile_seconds
+        return out, list(self.running)
 
-    def _collect(self, out, snapshot, t0) -> None:
+    def _collect(self, out, snapshot) -> None:
         tokens = np.asarray(out)
-        self.stats["decode_seconds"] += time.perf_counter() - t0
         for slot, req in enumerate(snapshot):
             if req is None or req.done:
                 continue

@@ -59,6 +59,7 @@ class Steps:
         self._fns: dict = {}
         self._compiled: dict = {}
         self.last_compile_seconds = 0.0  # compile time spent by the last call (0 when it reused a compile)
+        self.compile_seconds = 0.0       # all compile time so far
 
     # ------------------------------------------------------------------ dispatch with compile logging
     def run(self, key, fn, args, what: str, **jit_kw):
@@ -78,6 +79,7 @@ class Steps:
             with sharding.use_mesh(self.mesh):
                 self._compiled[sig] = self._fns[key].lower(*args).compile()
             self.last_compile_seconds = time.perf_counter() - t0
+            self.compile_seconds += self.last_compile_seconds
             _log(f"compiled {what} in {self.last_compile_seconds:.1f}s", self.progress)
         return self._compiled[sig](*args)
 

@@ -125,7 +125,7 @@ def test_requests_that_cannot_fit_are_refused(engine):
 def test_cache_is_sized_to_the_work(engine):
     """Pages beyond the longest sequence plus new tokens: at most 1/8, or one page."""
     for n, new in ((37, 5), (1000, 24), (700, 300)):
-        sched = engine._generate_scheduler([[1] * n], new, PrefillConfig(), DecodeConfig(), 16)
+        sched = engine.scheduler_for([n], new)
         need = cache.pages_for(n + new, 16)
         assert sched.spec.pages_per_seq - need <= max(1, need // 8)
         assert sched.spec.num_pages - (need + 1) <= max(1, (need + 1) // 8)
