@@ -7,9 +7,11 @@ and its sequence's page-table row, and gathers `pages_per_block` physical pages 
 [pages_per_block * page_size, head_dim] tile. Each program writes unnormalized partial results
 (o, m2, l) that a second small kernel (or `common.combine`) merges across splits.
 
-- `dense`: a split is a run of logical pages, walked up to the sequence length only (no work
-  past it, none for an empty slot); with `logits` it also stores the base-2 scaled logits of the
-  real query heads (the page scores are computed from them once the final lse is known).
+- `dense`: split j takes the blocks j, j + num_splits, j + 2 * num_splits, ... of the logical
+  pages below the sequence length (interleaved: the work spreads evenly over the splits whatever
+  the length; no work past it, none for an empty slot); with `logits` it also stores the base-2
+  scaled logits of the real query heads (the page scores are computed from them once the final
+  lse is known).
 - `sparse`: a split is a run of the page selection (logical pages, -1: not read), mapped
   through the page table inside the kernel.
 
@@ -82,14 +84,14 @@ def _store_partials(o_ref, m_ref, l_ref, carry):
 
 
 def _dense_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *s_ref,
-                  pages_per_block, pages_per_split, group, scale2, prec):
+                  pages_per_block, group, scale2, prec):
     length = len_ref[0]
     num_pages = table_ref.shape[0]
     page_size = k_ref.shape[1]
     block_k = pages_per_block * page_size
-    first = pl.program_id(2) * pages_per_split
-    steps = jnp.clip(pl.cdiv(pl.cdiv(length, page_size) - first, pages_per_block), 0,
-                     pages_per_split // pages_per_block)
+    split, num_splits = pl.program_id(2), pl.num_programs(2)
+    blocks = pl.cdiv(pl.cdiv(length, page_size), pages_per_block)  # blocks with tokens < length
+    steps = jnp.maximum(pl.cdiv(blocks - split, num_splits), 0)
     q = q_ref[...]
     gp, d = q.shape
     pages = lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
@@ -97,7 +99,7 @@ def _dense_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, 
     cols = lax.broadcasted_iota(jnp.int32, (gp, block_k), 1)
 
     def body(i, carry):
-        start = pl.multiple_of(first + i * pages_per_block, pages_per_block)
+        start = pl.multiple_of((split + i * num_splits) * pages_per_block, pages_per_block)
         ids = plgpu.load(table_ref.at[pl.ds(start, pages_per_block)], mask=start + pages < num_pages,
                          other=0)
         keep = start * page_size + cols < length
@@ -207,10 +209,8 @@ def dense(q, k_pages, v_pages, page_table, lengths, *, pages_per_block, num_spli
     B, hkv, G, D = q.shape
     page_size = k_pages.shape[2]
     pps = page_table.shape[1]
-    pages_per_split = pl.cdiv(pl.cdiv(pps, pages_per_block), num_splits) * pages_per_block
     qp, gp = _pad_group(q)
-    kernel = functools.partial(_dense_kernel, pages_per_block=pages_per_block,
-                               pages_per_split=pages_per_split, group=G, scale2=_scale2(D),
+    kernel = functools.partial(_dense_kernel, pages_per_block=pages_per_block, group=G, scale2=_scale2(D),
                                prec=precision(q.dtype))
     out_specs, out_shape = _partial_specs(gp, D), _partial_shapes(B, hkv, num_splits, gp, D)
     if logits:
