@@ -71,3 +71,32 @@ def write_json(obj, out_dir: str, name: str) -> str:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
     return path
+
+
+def device_profile(fn, top: int = 25) -> dict:
+    """Runs `fn()` under the jax profiler and sums the device time per op name (GPU kernels, collectives).
+
+    Returns {"total_us": ..., "ops": [[name, total_us, count], ...]} for the `top` ops by time."""
+    import collections
+    import glob
+    import gzip
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready(fn())
+        paths = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+        if not paths:
+            return {"error": "no trace written"}
+        with gzip.open(paths[0]) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, n in names.items() if "/device:" in n and "CPU" not in n.upper()}
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device:
+            total[e["name"]] += float(e.get("dur", 0))
+            count[e["name"]] += 1
+    return {"total_us": sum(total.values()),
+            "ops": [[n, round(t, 1), count[n]] for n, t in total.most_common(top)]}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -60,8 +61,9 @@ def step_bytes(engine: Engine, decode: DecodeConfig, length: int, batch: int) ->
     return weights + read // shards
 
 
-def back_to_back(engine, prefill, decode, length, batch, new, chunk, reps) -> float:
-    """Seconds per decode step of the compiled loop dispatched `reps` times back to back (no host reads)."""
+def back_to_back(engine, prefill, decode, length, batch, new, chunk, reps, profile=False):
+    """Seconds per decode step of the compiled loop dispatched `reps` times back to back (no host reads), and
+    with `profile` the device time per op of one more chunk."""
     if (reps + 2) * chunk >= new:
         raise ValueError(f"back to back needs new={new} > (reps + 2) * chunk = {(reps + 2) * chunk} (rows must stay active)")
     sched = engine.scheduler_for([length] * batch, new, prefill, decode, chunk=chunk)
@@ -76,7 +78,11 @@ def back_to_back(engine, prefill, decode, length, batch, new, chunk, reps) -> fl
     for _ in range(reps):
         pages, slots, out = engine.steps.decode(decode, chunk, engine.state, pages, slots)
     jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / (reps * chunk)
+    seconds = (time.perf_counter() - t0) / (reps * chunk)
+    prof = None
+    if profile:
+        prof = common.device_profile(lambda: engine.steps.decode(decode, chunk, engine.state, pages, slots)[2])
+    return seconds, prof
 
 
 def main(argv=None):
@@ -95,6 +101,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results/generate")
     ap.add_argument("--tag", default="run")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="device time per op of one back-to-back chunk")
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
     if a.smoke:
@@ -131,13 +138,21 @@ def main(argv=None):
                 outs = engine.generate(prompts, max_new_tokens=a.new if dname != "-" else 1,
                                        prefill=prefills[pname], decode=dec, chunk=a.chunk)
                 row["ttft_s"] = max(o.prefill_seconds for o in outs)
+                if a.profile and batch == 1:
+                    row["profile_prefill"] = common.device_profile(lambda: engine.generate(
+                        prompts, max_new_tokens=1, prefill=prefills[pname], decode=dec, chunk=a.chunk) and None)
+                    print("profile prefill", json.dumps(row["profile_prefill"])[:2500], flush=True)
                 if dname != "-":
                     per_row = float(np.mean([o.decode_tokens_per_second for o in outs]))
                     row.update(generate_step_ms=1e3 / per_row, generate_tokens_per_s=per_row * batch,
                                bytes_per_step=step_bytes(engine, dec, length, batch))
                     row["bound_step_ms"] = 1e3 * row["bytes_per_step"] / bw
                     if a.b2b:
-                        s = back_to_back(engine, prefills[pname], dec, length, batch, a.new, a.chunk, a.b2b)
+                        s, prof = back_to_back(engine, prefills[pname], dec, length, batch, a.new, a.chunk, a.b2b,
+                                               a.profile)
+                        if prof is not None:
+                            row["profile_one_chunk"] = prof
+                            print("profile", json.dumps(prof)[:3000], flush=True)
                         row.update(b2b_step_ms=1e3 * s, generate_vs_b2b=row["generate_step_ms"] / (1e3 * s),
                                    b2b_fraction_of_bound=row["bound_step_ms"] / (1e3 * s))
                     row["generate_fraction_of_bound"] = row["bound_step_ms"] / row["generate_step_ms"]

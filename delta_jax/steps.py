@@ -58,6 +58,7 @@ class Steps:
         self.progress = progress
         self._fns: dict = {}
         self._compiled: dict = {}
+        self._memo: dict = {}
         self.last_compile_seconds = 0.0  # compile time spent by the last call (0 when it reused a compile)
         self.compile_seconds = 0.0       # all compile time so far
 
@@ -70,8 +71,7 @@ class Steps:
     def _run(self, key, make, args, what: str):
         if key not in self._fns:
             self._fns[key] = make()
-        sig = (key, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", "")), getattr(x, "sharding", None))
-                          for x in jax.tree.leaves(args)))
+        sig = (key, tuple(self._signature(a) for a in args))
         self.last_compile_seconds = 0.0
         if sig not in self._compiled:
             _log(f"compiling {what}", self.progress)
@@ -82,6 +82,19 @@ class Steps:
             self.compile_seconds += self.last_compile_seconds
             _log(f"compiled {what} in {self.last_compile_seconds:.1f}s", self.progress)
         return self._compiled[sig](*args)
+
+    def _signature(self, tree):
+        """Shapes, dtypes and shardings of `tree`'s leaves; remembered per object for the model state (its
+        hundreds of leaves would otherwise be walked at every dispatch)."""
+        memo = self._memo.get(id(tree))
+        if memo is not None and memo[0] is tree:
+            return memo[1]
+        leaves = jax.tree.leaves(tree)
+        sig = tuple((getattr(x, "shape", None), str(getattr(x, "dtype", "")), getattr(x, "sharding", None))
+                    for x in leaves)
+        if len(leaves) > 64:
+            self._memo[id(tree)] = (tree, sig)
+        return sig
 
     def _shardings(self, pages):
         if self.mesh is None:

@@ -132,7 +132,8 @@ def _sparse_kernel(len_ref, table_ref, sel_ref, q_ref, k_ref, v_ref, o_ref, m_re
         return carry
 
     _store_partials(o_ref, m_ref, l_ref,
-                    lax.fori_loop(0, jnp.where(length > 0, steps, 0), body, _init(gp, d)))
+                    lax.fori_loop(jnp.int32(0), jnp.where(length > 0, jnp.int32(steps), jnp.int32(0)), body,
+                                  _init(gp, d)))
 
 
 def _combine_kernel(o_ref, m_ref, l_ref, out_ref, lse_ref):
