@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from delta_jax import cache, memory, sharding
+from delta_jax import cache, memory, sampling, sharding
 from delta_jax.cache import CacheSpec, PageAllocator
 from delta_jax.config import ConfigError, DecodeConfig, PrefillConfig
 from delta_jax.steps import Slots, empty_slots
@@ -155,7 +155,8 @@ class Scheduler:
         """One scheduling step (see the module doc)."""
         self._release_stopped()
         self._admit()
-        previous, self._pending = self._pending, self._dispatch()
+        dispatched = self._dispatch()
+        previous, self._pending = self._pending, dispatched
         if previous is not None:
             self._collect(*previous)
 
@@ -262,11 +263,13 @@ class Scheduler:
         self.slots = steps.insert(self.slots, jnp.asarray(index), Slots(*map(jnp.asarray, rows)))
 
     def _dispatch(self):
+        inflight = self.chunk if self._pending is not None else 0
         live = [r for r in self.running if r is not None and not r.done]
-        if not live:
-            return None
+        if not any(len(r.tokens) + inflight < r.max_tokens for r in live):
+            return None  # the chunk in flight finishes every live request (by length)
+        how = sampling.mode([r.temperature for r in live], [r.top_p for r in live])
         self.pages, self.slots, out = self.engine.steps.decode(self.decode_method, self.chunk, self.engine.state,
-                                                              self.pages, self.slots)
+                                                              self.pages, self.slots, how)
         return out, list(self.running)
 
     def _collect(self, out, snapshot) -> None:

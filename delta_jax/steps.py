@@ -1,8 +1,9 @@
 """The jit-compiled steps: prefill into pages, insert into decode slots, and the multi-step decode loop.
 
-The decode loop runs `steps` decode steps per dispatch on the device (a `while_loop` that stops early
-when no slot is active): the token buffer, per-slot done flags, lengths and sampling state stay on the
-device, and the host reads a chunk's tokens while the next chunk runs. Compiled shapes: the prefill per
+The decode loop runs `steps` decode steps per dispatch on the device (a loop of fixed trip count, so the
+device never reports a condition to the host between steps): the token buffer, per-slot done flags,
+lengths and sampling state stay on the device, and the host reads a chunk's tokens while the next chunk
+runs. Compiled shapes: the prefill per
 (batch, prompt bucket, pool), the loop per (slots, pages_per_seq, pool); `delta_jax.cache.ladder` bounds them.
 """
 
@@ -17,9 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from delta_jax import sharding
+from delta_jax import sampling, sharding
 from delta_jax.config import DecodeConfig, PrefillConfig
-from delta_jax.sampling import row_keys, sample
 
 
 class Slots(NamedTuple):
@@ -107,13 +107,14 @@ class Steps:
                 temperature, top_p):
         """Runs prompts `tokens [b, T]` and writes their keys and values into `pages` (donated) through
         `page_table [b, W]`; returns (first sampled token `[b]`, pages)."""
-        graphdef = self.graphdef
+        graphdef, how = self.graphdef, sampling.mode(temperature, top_p)
 
         def fn(state, pages, tokens, lengths, page_table, row_shard, seeds, temperature, top_p):
             model = nnx.merge(graphdef, state)
             h, pages, _ = model.prefill(tokens, lengths, method, cache=(pages, page_table, row_shard))
             last = h[jnp.arange(h.shape[0]), lengths - 1]
-            first = sample(model.logits(last), row_keys(seeds, jnp.zeros_like(seeds)), temperature, top_p)
+            first = sampling.sample(model.logits(last), sampling.row_keys(seeds, jnp.zeros_like(seeds)), temperature,
+                                    top_p, how)
             return first, pages
 
         def make():
@@ -121,7 +122,7 @@ class Steps:
             kw = {} if pool is None else {"out_shardings": (sharding.replicated(self.mesh), pool)}
             return jax.jit(fn, donate_argnums=(1,), **kw)
 
-        return self._run(("prefill", method), make,
+        return self._run(("prefill", method, how), make,
                          (state, pages, tokens, lengths, page_table, row_shard, seeds, temperature, top_p),
                          f"prefill {method.method} for {tuple(tokens.shape)}")
 
@@ -150,11 +151,12 @@ class Steps:
         return self._run(("deactivate", None), make, (slots, index), f"slot release of {len(index)}")
 
     # ------------------------------------------------------------------ decode loop
-    def decode(self, method: DecodeConfig, steps: int, state, pages, slots: Slots):
-        """Up to `steps` decode steps for every active slot (stopping early when none is left).
+    def decode(self, method: DecodeConfig, steps: int, state, pages, slots: Slots, how: str = "greedy"):
+        """`steps` decode steps for every active slot; `how`: the sampling code (`sampling.mode`).
 
         Returns (pages, slots, tokens `int32 [S, steps]`: the token each slot sampled at each step, -1
         where it was inactive). A slot stops after an EOS token or when its `remaining` count runs out.
+        The trip count is fixed, so the device never reports a loop condition back to the host.
         """
         graphdef, eos = self.graphdef, self.eos
 
@@ -163,23 +165,19 @@ class Steps:
             eos_ids = jnp.asarray(eos, jnp.int32)
             out = jnp.full((slots.tokens.shape[0], steps), -1, jnp.int32)
 
-            def body(carry):
-                i, pages, s, out = carry
+            def body(i, carry):
+                pages, s, out = carry
                 logits, pages = model.decode(s.tokens, s.positions, s.active, pages, s.page_table, method)
-                nxt = sample(logits, row_keys(s.seeds, s.counts), s.temperature, s.top_p)
+                nxt = sampling.sample(logits, sampling.row_keys(s.seeds, s.counts), s.temperature, s.top_p, how)
                 a = s.active
                 out = out.at[:, i].set(jnp.where(a, nxt, -1))
                 remaining = s.remaining - a
                 stop = jnp.any(nxt[:, None] == eos_ids[None, :], -1) | (remaining <= 0)
                 s = s._replace(tokens=jnp.where(a, nxt, s.tokens), positions=s.positions + a,
                                active=a & ~stop, remaining=remaining, counts=s.counts + a)
-                return i + 1, pages, s, out
+                return pages, s, out
 
-            def cond(carry):
-                return (carry[0] < steps) & jnp.any(carry[2].active)
-
-            _, pages, slots, out = jax.lax.while_loop(cond, body, (jnp.int32(0), pages, slots, out))
-            return pages, slots, out
+            return jax.lax.fori_loop(0, steps, body, (pages, slots, out))
 
         def make():
             kw = {}
@@ -189,5 +187,5 @@ class Steps:
                                        sharding.slot_sharding(2, self.mesh))
             return jax.jit(fn, donate_argnums=(1, 2), **kw)
 
-        return self._run(("decode", method, steps), make, (state, pages, slots),
-                         f"decode loop ({method.method}, {steps} steps) for {slots.tokens.shape[0]} slots")
+        return self._run(("decode", method, steps, how), make, (state, pages, slots),
+                         f"decode loop ({method.method}, {steps} steps, {how}) for {slots.tokens.shape[0]} slots")
