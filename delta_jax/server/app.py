@@ -103,7 +103,6 @@ def create_app(engine, scheduler: scheduling.Scheduler, *, model_name: str, warm
             worker.stop()
 
     app = FastAPI(title="delta-jax", lifespan=lifespan)
-    app.state.worker = worker
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -120,22 +119,20 @@ def create_app(engine, scheduler: scheduling.Scheduler, *, model_name: str, warm
                             status_code=500)
 
     def encode(params: protocol.Params, chat: bool) -> list[int]:
+        """Token ids of a completion prompt, or of the messages through the chat template."""
         tok = engine.tokenizer
         try:
             if not chat:
                 return engine.encode(params.prompt)
             if tok is None:
                 raise ConfigError("this model has no tokenizer: use /v1/completions with token ids")
-            text = tok.apply_chat_template(params.prompt, tokenize=False, add_generation_prompt=True)
+            try:
+                text = tok.apply_chat_template(params.prompt, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # noqa: BLE001 - the template's own refusal (jinja raises it)
+                raise ConfigError(f"the chat template rejects these messages: {e}".splitlines()[0])
             return engine.encode(tok(text, add_special_tokens=False)["input_ids"])
         except ConfigError as e:
             raise APIError(400, str(e), param="messages" if chat else "prompt")
-        except Exception as e:  # noqa: BLE001 - the chat template rejects the conversation (jinja's error)
-            raise APIError(400, f"the chat template rejects these messages: {e}".splitlines()[0], param="messages")
-
-    def default_max_tokens(prompt_tokens: int) -> int:
-        """What fits the slot (and the pool) after the prompt; 1 when nothing does (submit names the excess)."""
-        return max(1, min(spec.max_tokens, scheduler.alloc.capacity * spec.page_size) - prompt_tokens)
 
     async def generate(request: Request, chat: bool):
         body = protocol.parse_body(await request.body())
@@ -146,7 +143,7 @@ def create_app(engine, scheduler: scheduling.Scheduler, *, model_name: str, warm
         ids = await asyncio.to_thread(encode, params, chat)
         events = _Events(asyncio.get_running_loop())
         req = scheduling.Request(
-            prompt=ids, max_tokens=default_max_tokens(len(ids)) if params.max_tokens is None else params.max_tokens,
+            prompt=ids, max_tokens=worker.room(len(ids)) if params.max_tokens is None else params.max_tokens,
             temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop=params.stop, events=events)
         try:
             worker.submit(req)

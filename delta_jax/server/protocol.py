@@ -86,7 +86,8 @@ def _stop(body: dict) -> tuple[str, ...]:
         return ()
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, f"stop must be a non-empty string or a list of them, got {_short(body['stop'])}", param="stop")
+        raise APIError(400, f"stop must be a non-empty string or a list of them, got {_short(body['stop'])}",
+                       param="stop")
     return tuple(stop)
 
 

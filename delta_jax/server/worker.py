@@ -38,10 +38,16 @@ class Worker:
         request on the calling thread (before `start`); clears the metrics it leaves. Returns seconds."""
         s = self.scheduler
         t0 = time.perf_counter()
-        s.submit(Request(prompt=[0], max_tokens=min(s.chunk + 1, s.spec.max_tokens - 1)))
+        s.submit(Request(prompt=[0], max_tokens=min(s.chunk + 1, self.room(1))))
         s.run()
         s.reset_metrics()
         return time.perf_counter() - t0
+
+    def room(self, prompt_tokens: int) -> int:
+        """New tokens that fit after a prompt of `prompt_tokens` in one slot and in the pool (at least 1: when
+        nothing fits, `submit` names the excess)."""
+        spec = self.scheduler.spec
+        return max(1, min(spec.max_tokens, self.scheduler.alloc.capacity * spec.page_size) - prompt_tokens)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="delta-jax-scheduler", daemon=True)
