@@ -1,4 +1,4 @@
-"""`delta-jax` command line: convert | generate | score | eval | shift | info."""
+"""`delta-jax` command line: convert | generate | serve | score | eval | shift | info."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def cmd_convert(a):
 def cmd_generate(a):
     engine = _engine(a)
     prompts = _prompts(a)
-    stream = not a.json and len(prompts) == 1
+    stream = not a.json and len(prompts) == 1 and not a.stop  # with stop strings, the text is printed when cut
     state = {"text": ""}
     toks: list[int] = []
 
@@ -107,8 +107,8 @@ def cmd_generate(a):
 
     outs = engine.generate(prompts, max_new_tokens=a.max_new_tokens, chat=a.chat,
                            temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-                           prefill=a.prefill, decode=a.decode, on_token=on_token if stream else None,
-                           **_method_params(a))
+                           prefill=a.prefill, decode=a.decode, stop=a.stop or (),
+                           on_token=on_token if stream else None, **_method_params(a))
     for p, o in zip(prompts, outs):
         if a.json:
             print(json.dumps({"prompt": p, "text": o.text, "tokens": o.tokens, "prompt_tokens": o.prompt_tokens,
@@ -123,6 +123,28 @@ def cmd_generate(a):
             print(f"[{o.prompt_tokens} prompt tokens, prefill {o.prefill_seconds:.3f}s, "
                   f"{len(o.tokens)} new tokens at {o.decode_tokens_per_second:.1f} tok/s, {o.finish_reason}]",
                   file=sys.stderr)
+
+
+def cmd_serve(a):
+    from delta_jax.engine import methods_from
+    try:
+        from delta_jax import server
+    except ImportError as e:
+        raise ConfigError(f"delta-jax serve needs fastapi and uvicorn ({e}): pip install fastapi uvicorn")
+    for flag, value, least in (("--slots", a.slots, 1), ("--chunk", a.chunk, 1), ("--kv-pages", a.kv_pages, 2)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    name = a.served_model_name or a.model
+    if not name.strip():
+        raise ConfigError(f"--served-model-name must not be empty, got {name!r}")
+    prefill, decode = methods_from(a.prefill, a.decode, _method_params(a))  # bad method flags fail before loading
+    sock = server.listen(a.host, a.port)
+    engine = _engine(a)
+    sched = engine.scheduler(prefill, decode, slots=a.slots, num_pages=a.kv_pages, chunk=a.chunk)
+    spec = sched.spec
+    server.log(f"{spec.slots} slots of up to {spec.max_tokens} tokens, {spec.num_pages} KV pages of {spec.page_size} "
+               f"tokens; prefill {prefill.method}, decode {decode.method}, {sched.chunk} decode steps per dispatch")
+    server.serve(engine, sched, sock, model_name=name)
 
 
 def cmd_score(a):
@@ -189,9 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--temperature", type=float, default=0.0)
             g.add_argument("--top-p", type=float, default=1.0)
             g.add_argument("--seed", type=int, default=0)
+            g.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
         else:
             g.add_argument("--last", type=int, default=0, help="also return the top token at the last N positions")
         g.set_defaults(fn=fn)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    _add_model(v)
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--slots", type=int, default=8, help="decode rows: requests decoding at once (default 8)")
+    v.add_argument("--kv-pages", type=int, default=None,
+                   help="pages in the KV cache pool (default: every slot at full length, capped by the device memory)")
+    v.add_argument("--chunk", type=int, default=16, help="decode steps per device dispatch (default 16)")
+    v.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    _add_methods(v)
+    v.set_defaults(fn=cmd_serve)
 
     i = sub.add_parser("info", help="model config, devices, versions")
     i.add_argument("--model", default=None)

@@ -108,9 +108,7 @@ class Scheduler:
         self._release: list[int] = []
         self._pending = None
         self._eos = set(engine.eos_ids)
-        self.stats = {"requests": 0, "finished": 0, "tokens": 0, "prefill_tokens": 0, "peak_pages": 0,
-                      "ttft": collections.deque(maxlen=1000)}
-        self._token_times: collections.deque = collections.deque(maxlen=4096)
+        self.reset_metrics()
 
     # ------------------------------------------------------------------ requests in
     def check(self, req: Request) -> None:
@@ -327,6 +325,14 @@ class Scheduler:
         return delta, cut >= 0
 
     # ------------------------------------------------------------------ metrics
+    def reset_metrics(self) -> None:
+        """Restarts the counters, time to first token, tokens/s and peak pages (e.g. after a warm-up). Call it
+        from the thread that steps, or while no step runs."""
+        with self._lock:
+            self.stats = {"requests": 0, "finished": 0, "tokens": 0, "prefill_tokens": 0,
+                          "peak_pages": self.alloc.pages_in_use(), "ttft": collections.deque(maxlen=1000)}
+            self._token_times = collections.deque(maxlen=4096)
+
     def metrics(self) -> dict:
         """Queue length, running requests, pages in use, time to first token and recent tokens/s."""
         with self._lock:

@@ -1,0 +1,331 @@
+"""Serving under Poisson arrivals: continuous batching through `delta-jax serve`'s HTTP app vs static batches.
+
+One process, one random-weight model, the SAME arrivals for every run:
+- `dense`, `delta`: the app of `delta-jax serve` (uvicorn on a thread) over a Scheduler with the dense or the
+  Delta Attention + DELTA methods; each request is a streamed `/v1/completions` call with token ids, sent by an
+  asyncio httpx client at its arrival time (as vLLM's benchmark_serving sends them);
+- `static`: dense, requests grouped in arrival order into batches of `--static-batch`; a batch starts when the
+  previous one is done and all its requests have arrived, and runs `Engine.generate` (every row decodes to the
+  batch's longest output; a request is complete when its own `max_tokens` have streamed).
+Prompt lengths are drawn from `--lengths` (each prompt exactly one of them, so the prefill compiles once per
+length), output lengths uniformly from `--outputs`. Every compile is warmed up before timing. Reports time to
+first token (p50/p99), time per output token, request and token throughput, the peak KV pages in use, and how
+many long requests a paged pool holds against a padded cache of the same bytes. JSON + plot + table.
+
+    python benchmarks/serving.py --out benchmarks/results            # H200: random-weight Llama-3.1-8B, bf16
+    python benchmarks/serving.py --smoke                              # tiny model on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import gc
+import json
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+from delta_jax import cache, memory, server  # noqa: E402
+from delta_jax.config import DecodeConfig, PrefillConfig  # noqa: E402
+from delta_jax.engine import Engine  # noqa: E402
+from delta_jax.scheduler import Request  # noqa: E402
+
+MODEL = "random-weights"
+
+
+@dataclasses.dataclass
+class Workload:
+    """Request i arrives at `arrival[i]` seconds with `prompts[i]` (token ids) and asks for `outputs[i]` tokens."""
+
+    arrival: np.ndarray
+    prompts: list
+    outputs: np.ndarray
+
+
+@dataclasses.dataclass
+class Timing:
+    """Client-side times of one request (seconds from the run's start)."""
+
+    arrival: float
+    tokens: list  # arrival time of each output token
+    end: float
+
+
+def workload(n: int, rate: float, duration, lengths, outputs, vocab: int, seed: int) -> Workload:
+    rng = np.random.default_rng(seed)
+    arrival = np.cumsum(rng.exponential(1.0 / rate, n))
+    arrival -= arrival[0]
+    if duration is not None:
+        arrival = arrival[arrival < duration]
+    n = len(arrival)
+    lens = rng.choice(lengths, n)
+    prompts = [rng.integers(0, vocab, int(k)).tolist() for k in lens]
+    return Workload(arrival, prompts, rng.integers(outputs[0], outputs[1] + 1, n))
+
+
+def summarize(w: Workload, timings: list, seconds: float) -> dict:
+    """TTFT, time per output token (after the first), end-to-end latency and throughput of one run."""
+    ttft = np.array([t.tokens[0] - t.arrival for t in timings])
+    tpot = np.array([(t.tokens[-1] - t.tokens[0]) / (len(t.tokens) - 1) for t in timings if len(t.tokens) > 1])
+    e2e = np.array([t.end - t.arrival for t in timings])
+    out_tokens = sum(len(t.tokens) for t in timings)
+    prompt_tokens = sum(len(p) for p in w.prompts)
+    q = lambda x, p: float(np.percentile(x, p)) if len(x) else None  # noqa: E731
+    return {"requests": len(timings), "seconds": seconds,
+            "ttft_p50": q(ttft, 50), "ttft_p99": q(ttft, 99), "ttft_mean": float(ttft.mean()),
+            "tpot_p50": q(tpot, 50), "tpot_p99": q(tpot, 99), "tpot_mean": float(tpot.mean()) if len(tpot) else None,
+            "e2e_p50": q(e2e, 50), "e2e_p99": q(e2e, 99),
+            "requests_per_second": len(timings) / seconds, "output_tokens_per_second": out_tokens / seconds,
+            "total_tokens_per_second": (out_tokens + prompt_tokens) / seconds, "output_tokens": out_tokens}
+
+
+# ---------------------------------------------------------------------------------------------- continuous batching
+async def _client(url: str, w: Workload, sched, poll: dict) -> tuple[list, float]:
+    import httpx
+
+    start = time.perf_counter()
+    now = lambda: time.perf_counter() - start  # noqa: E731
+
+    async def one(client, i):
+        await asyncio.sleep(max(0.0, w.arrival[i] - now()))
+        tokens = []
+        body = {"model": MODEL, "prompt": w.prompts[i], "max_tokens": int(w.outputs[i]), "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"request {i}: HTTP {r.status_code} {(await r.aread())[:300]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["finish_reason"] is None:
+                    tokens.append(now())
+                if chunk.get("usage") and chunk["usage"]["completion_tokens"] != len(tokens):
+                    raise RuntimeError(f"request {i}: {len(tokens)} chunks for {chunk['usage']} tokens")
+        return Timing(float(w.arrival[i]), tokens, now())
+
+    async def watch():
+        while True:
+            m = sched.metrics()
+            poll["max_running"] = max(poll["max_running"], m["running"])
+            poll["max_waiting"] = max(poll["max_waiting"], m["waiting"])
+            await asyncio.sleep(0.05)
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+        watcher = asyncio.ensure_future(watch())
+        timings = await asyncio.gather(*(one(client, i) for i in range(len(w.prompts))))
+        watcher.cancel()
+    return list(timings), now()
+
+
+def run_server(engine, w: Workload, prefill: PrefillConfig, decode: DecodeConfig, a) -> dict:
+    """Continuous batching through the HTTP app: warm-up of every prompt length, then the timed arrivals."""
+    sched = engine.scheduler(prefill, decode, slots=a.slots, num_pages=a.kv_pages, chunk=a.chunk)
+    sched.max_prefill_tokens = 1  # one prompt per prefill: long prompts fill the device alone, one compile per length
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(1)
+    for n in sorted({len(p) for p in w.prompts}):
+        sched.submit(Request(prompt=rng.integers(0, engine.config.vocab_size, n).tolist(), max_tokens=a.chunk + 1))
+    sched.run()
+    sched.reset_metrics()
+    warm = time.perf_counter() - t0
+    print(f"  warm-up (compiles) {warm:.1f}s", flush=True)
+    sock = server.listen("127.0.0.1", 0)
+    srv = server.server(server.create_app(engine, sched, model_name=MODEL, warmup=False), sock)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    poll = {"max_running": 0, "max_waiting": 0}
+    try:
+        timings, seconds = asyncio.run(_client("http://127.0.0.1:%d" % sock.getsockname()[1], w, sched, poll))
+    finally:
+        srv.should_exit = True
+        thread.join()
+    m = sched.metrics()
+    spec = sched.spec
+    out = summarize(w, timings, seconds)
+    out.update(warmup_seconds=warm, peak_pages=m["peak_pages_in_use"], pool_pages=m["pages_total"],
+               page_size=spec.page_size, slots=spec.slots, pages_per_slot=spec.pages_per_seq, **poll,
+               server_ttft_p50=m["ttft_p50_seconds"], server_ttft_p99=m["ttft_p99_seconds"],
+               padded_pages_for_max_running=poll["max_running"] * spec.pages_per_seq)
+    out["timings"] = [dataclasses.asdict(t) for t in timings]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- static batches
+def run_static(engine, w: Workload, a, warm: bool) -> dict:
+    """Static batches of `--static-batch` in arrival order through `Engine.generate` (see the module doc);
+    with `warm`, runs each batch once untimed first (each batch compiles its own shapes)."""
+    n, b = len(w.prompts), a.static_batch
+    batches = [list(range(k, min(n, k + b))) for k in range(0, n, b)]
+    t0 = time.perf_counter()
+    if warm:
+        for idx in batches:
+            engine.generate([w.prompts[i] for i in idx], max_new_tokens=int(max(w.outputs[idx])), chunk=a.chunk)
+    warm_s = time.perf_counter() - t0
+    print(f"  warm-up (compiles, one untimed pass) {warm_s:.1f}s", flush=True)
+    timings: list = [None] * n
+    start = time.perf_counter()
+    now = lambda: time.perf_counter() - start  # noqa: E731
+    for idx in batches:
+        time.sleep(max(0.0, w.arrival[idx[-1]] - now()))
+        got = [[] for _ in idx]
+
+        def on_token(j, token, got=got, idx=idx):
+            if len(got[j]) < w.outputs[idx[j]]:
+                got[j].append(now())
+
+        engine.generate([w.prompts[i] for i in idx], max_new_tokens=int(max(w.outputs[idx])), chunk=a.chunk,
+                        on_token=on_token)
+        for j, i in enumerate(idx):
+            timings[i] = Timing(float(w.arrival[i]), got[j], got[j][-1])
+    out = summarize(w, timings, now())
+    out.update(warmup_seconds=warm_s, batches=len(batches))
+    out["timings"] = [dataclasses.asdict(t) for t in timings]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- capacity
+def capacity(engine, a, long_len: int, new_tokens: int) -> dict:
+    """Requests of `long_len + new_tokens` tokens held at once in the device's free memory: a paged pool (pages
+    per request) against a padded cache (one row of `row` tokens per request), for each padded row length."""
+    per_token = memory.kv_bytes_per_token(engine.config, engine.dtype)
+    free, what = memory.free_bytes()
+    act = memory.prefill_bytes(engine.config, 1, long_len, engine.dtype)
+    budget = int(memory.HEADROOM * free - act)
+    page = a.page_size * per_token
+    need = cache.pages_for(long_len + new_tokens, a.page_size)
+    rows = {str(r): budget // (r * per_token) for r in (engine.max_seq_len, a.padded_len)}
+    return {"bytes": budget, "what": what, "request_tokens": long_len + new_tokens, "paged": budget // page // need,
+            "padded_by_row_tokens": rows}
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {k: v for k, v in results["runs"].items() if "timings" in v}
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    for name, r in runs.items():
+        ttft = np.sort([t["tokens"][0] - t["arrival"] for t in r["timings"]])
+        ax[0].step(ttft, np.arange(1, len(ttft) + 1) / len(ttft), where="post", label=name)
+    ax[0].set(xlabel="time to first token (s)", ylabel="share of requests", title="TTFT CDF")
+    ax[0].legend()
+    names = list(runs)
+    ax[1].bar(names, [1e3 * (runs[k]["tpot_p50"] or 0) for k in names])
+    ax[1].set(ylabel="ms", title="time per output token (p50)")
+    ax[2].bar(names, [runs[k]["output_tokens_per_second"] for k in names])
+    ax[2].set(ylabel="tokens/s", title="output token throughput")
+    fig.suptitle(f"{results['env']['device']}: {results['workload']['requests']} requests, "
+                 f"rate {results['args']['rate']}/s, prompts {results['args']['lengths']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(results: dict) -> str:
+    head = (f"{'run':<8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'req/s':>7} "
+            f"{'out tok/s':>10} {'peak pages':>11} {'max running':>12}")
+    lines = [head]
+    for name, r in results["runs"].items():
+        if "timings" not in r:
+            lines.append(f"{name:<8} {r.get('skipped') or r.get('error')}")
+            continue
+        ms = lambda x: f"{1e3 * x:.1f}ms" if x is not None else "-"  # noqa: E731
+        lines.append(f"{name:<8} {r['ttft_p50']:>8.2f}s {r['ttft_p99']:>8.2f}s {ms(r['tpot_p50']):>9} "
+                     f"{ms(r['tpot_p99']):>9} {r['requests_per_second']:>7.2f} {r['output_tokens_per_second']:>10.1f} "
+                     f"{r.get('peak_pages', '-'):>11} {r.get('max_running', '-'):>12}")
+    c = results["capacity"]
+    lines.append(f"{c['request_tokens']}-token requests held in {c['bytes'] / 2**30:.1f} GiB: paged {c['paged']}, "
+                 + ", ".join(f"padded to {k} tokens {v}" for k, v in c["padded_by_row_tokens"].items()))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="4096,8192,16384,32768", help="prompt lengths, drawn uniformly")
+    ap.add_argument("--outputs", default="64,256", help="output lengths: lo,hi (uniform)")
+    ap.add_argument("--rate", type=float, default=1.0, help="Poisson arrival rate, requests/s")
+    ap.add_argument("--num-requests", type=int, default=24)
+    ap.add_argument("--duration", type=float, default=None, help="keep only requests arriving in the first N s")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runs", default="dense,delta,static", help="from dense, delta (continuous batching), static")
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--kv-pages", type=int, default=None, help="pool pages (default: every slot at full length)")
+    ap.add_argument("--chunk", type=int, default=16, help="decode steps per dispatch")
+    ap.add_argument("--static-batch", type=int, default=8)
+    ap.add_argument("--no-static-warmup", action="store_true", help="time static batches with their compiles")
+    ap.add_argument("--window", type=int, default=2048)
+    ap.add_argument("--sinks", type=int, default=64)
+    ap.add_argument("--gamma", type=int, default=64)
+    ap.add_argument("--full-layers", default="0,1")
+    ap.add_argument("--selection-layers", default="2,16,25")
+    ap.add_argument("--budget", type=int, default=64)
+    ap.add_argument("--recent", type=int, default=8)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--padded-len", type=int, default=131072,
+                    help="padded row length compared with (default: Llama-3.1's context)")
+    ap.add_argument("--deadline", type=float, default=330.0, help="start no run after this many seconds")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="serving")
+    ap.add_argument("--smoke", action="store_true", help="tiny model and workload on the CPU")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.lengths, a.outputs, a.rate, a.num_requests = "64,200", "3,8", 8.0, 6
+        a.slots, a.chunk, a.static_batch = 4, 4, 3
+        a.window, a.sinks, a.gamma, a.full_layers, a.selection_layers, a.budget, a.recent = 32, 4, 16, "0", "1,3", 4, 2
+        a.padded_len, a.name = 1024, a.name + "_smoke"
+    t_start = time.perf_counter()
+    lengths = [int(x) for x in a.lengths.split(",")]
+    outputs = [int(x) for x in a.outputs.split(",")]
+    cfg = dataclasses.replace(common.tiny(), head_dim=64) if a.smoke else common.llama31_8b()  # delta: head_dim 64+
+    engine = Engine.from_config(cfg, dtype="auto", max_seq_len=max(lengths) + outputs[1], progress=True)
+    print(f"model built in {time.perf_counter() - t_start:.1f}s", flush=True)
+    w = workload(a.num_requests, a.rate, a.duration, lengths, outputs, cfg.vocab_size, a.seed)
+    ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
+    dense = (PrefillConfig(method="dense"), DecodeConfig(method="dense", page_size=a.page_size))
+    delta = (PrefillConfig(method="delta", window=a.window, sinks=a.sinks, gamma=a.gamma),
+             DecodeConfig(method="delta", full_layers=ints(a.full_layers), selection_layers=ints(a.selection_layers),
+                          budget=a.budget, recent=a.recent, page_size=a.page_size))
+    results = {"env": common.environment(), "args": vars(a), "config": dataclasses.asdict(cfg),
+               "methods": {"dense": [dataclasses.asdict(m) for m in dense],
+                           "delta": [dataclasses.asdict(m) for m in delta]},
+               "workload": {"requests": len(w.prompts), "arrival": w.arrival.tolist(),
+                            "prompt_tokens": [len(p) for p in w.prompts], "output_tokens": w.outputs.tolist()},
+               "capacity": capacity(engine, a, max(lengths), outputs[1]), "runs": {}}
+    print(f"{len(w.prompts)} requests over {w.arrival[-1]:.1f}s", flush=True)
+    for name in a.runs.split(","):
+        elapsed = time.perf_counter() - t_start
+        if elapsed > a.deadline:
+            results["runs"][name] = {"skipped": f"deadline: {elapsed:.0f}s > {a.deadline:.0f}s"}
+            continue
+        print(f"run {name}", flush=True)
+        t0 = time.perf_counter()
+        if name == "static":
+            r = run_static(engine, w, a, warm=not a.no_static_warmup)
+        else:
+            r = run_server(engine, w, *(dense if name == "dense" else delta), a)
+        gc.collect()  # the run's KV pool goes before the next run allocates its own
+        r["wall_seconds"] = time.perf_counter() - t0
+        print(f"  run {name} done in {r['wall_seconds']:.1f}s", flush=True)
+        results["runs"][name] = r
+        common.write_json(results, a.out, f"{a.name}.json")
+    results["total_seconds"] = time.perf_counter() - t_start
+    path = common.write_json(results, a.out, f"{a.name}.json")
+    plot(results, os.path.join(a.out, f"{a.name}.png"))
+    print(table(results))
+    print(f"wrote {path} in {results['total_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
