@@ -221,13 +221,14 @@ _FILLER_CLASS = (
 )
 
 
-def _code_units(rng: random.Random, helpers: list[str], settings: list[str]) -> Iterator[str]:
-    """Functions, classes and short aliases that call the module's helpers and earlier functions."""
+def _code_units(rng: random.Random, helpers: list[str], settings: list[str], reserved: set[str]) -> Iterator[str]:
+    """Functions, classes and short aliases that call the module's helpers and earlier functions; their
+    parameters avoid the `reserved` names (the helpers')."""
     names = list(helpers)
     while True:
         noun, noun2, verb = rng.choice(_NOUNS), rng.choice(_NOUNS), rng.choice(_VERBS)
         a, b = f"{noun}_{rng.choice(_PARAMS)}", f"{noun2}_{rng.choice(_PARAMS)}"
-        if a == b:
+        if a == b or {a, b} & reserved:
             continue
         kind = rng.random()
         fields = dict(noun=noun, noun2=noun2, verb=verb, Verb=verb.title(), a=a, b=b,
@@ -255,11 +256,12 @@ def _code(rng: random.Random, settings: int = 6, helpers: int = 3) -> _Parts:
         s = f"{rng.choice(_ADJECTIVES)}_{rng.choice(_NOUNS)}_{rng.choice(_SETTINGS)}".upper()
         if s not in setting_names:
             setting_names.append(s)
-    defs, calls = [], []
+    defs, calls, params = [], [], set()
     for _ in range(helpers):
         noun = rng.choice(_NOUNS)
         name = f"{rng.choice(_VERBS)}_{noun}_records"
         a, b, c = (f"{rng.choice(_NOUNS)}_{p}" for p in rng.sample(_PARAMS, 3))
+        params |= {a, b, c}
         body = rng.choice(_HELPER_BODIES).format(a=a, b=b, c=c, noun=noun)
         defs.append((name, f'\n\n\ndef {name}({a}, {b}, {c}=None):\n    """{rng.choice(_VERBS).title()} the {noun} '
                            f'records of `{a}` by `{b}`."""\n{body}'))
@@ -273,7 +275,7 @@ def _code(rng: random.Random, settings: int = 6, helpers: int = 3) -> _Parts:
                for s, v in zip(setting_names, values)]
     items = asserts + calls
     rng.shuffle(items)
-    return _Parts(head, _code_units(rng, [n for n, _ in defs], setting_names),
+    return _Parts(head, _code_units(rng, [n for n, _ in defs], setting_names, params),
                   '\n\n\ndef self_check():\n    """Checks the settings and helpers defined at the top of this module."""',
                   items)
 
