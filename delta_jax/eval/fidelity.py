@@ -10,6 +10,8 @@
 - `perplexity(engine, methods, length=, samples=)`: perplexity of long prose over the positions from
   `start_fraction * length` on, per method, and the paired NLL difference to dense.
 - `run_fidelity(engine, methods=, lengths=, out_dir=)`: both over lengths, written to `fidelity.json`.
+- `family_fidelity(engine, methods, family=, length=, samples=)`: on a text family of `families`, the KL over
+  its exact recall tail and the NLL of its body from one scoring pass per method, with paired differences.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ import dataclasses
 import math
 import os
 import random
-from typing import Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from delta_jax.config import PrefillConfig
 from delta_jax.eval import methods as methods_lib
 from delta_jax.eval.corpus import prose
-from delta_jax.eval.families import RecallSample, recall_samples
-from delta_jax.eval.stats import t_interval
+from delta_jax.eval.families import RecallSample, family_samples, recall_samples
+from delta_jax.eval.stats import paired_difference, t_interval
 from delta_jax.eval.tasks import encode
 
 
@@ -180,6 +183,48 @@ def nll_summary(prefill: PrefillConfig, nll: list, dense_nll: list) -> dict:
     return {"prefill": dataclasses.asdict(prefill), "nll": {"mean": m, "ci_low": lo, "ci_high": hi},
             "perplexity": {"mean": math.exp(m), "ci_low": math.exp(lo), "ci_high": math.exp(hi)},
             "nll_minus_dense": _mean_ci(np.asarray(nll) - np.asarray(dense_nll)), "per_sample_nll": nll}
+
+
+def paired(methods: dict, pairs: Sequence[tuple[str, str]]) -> dict:
+    """Paired differences `a - b` of the per-sample KL and NLL of method records, for the pairs present."""
+    return {f"{x} - {y}": {k: paired_difference(methods[x][f"per_sample_{k}"], methods[y][f"per_sample_{k}"])
+                           for k in ("kl", "nll")}
+            for x, y in pairs if x in methods and y in methods}
+
+
+def family_fidelity(engine, methods: dict, *, family: str, length: int, samples: int, seed: int = 0,
+                    exact: int = 160, start_fraction: float = 0.5, batch_size: int = 8,
+                    pairs: Sequence[tuple[str, str]] = (), skip: Optional[Callable[[str], bool]] = None,
+                    done: Optional[Callable[[dict], None]] = None) -> dict:
+    """KL(dense || method) over the recall tail and the body NLL (`body_nll`) of `samples` texts of
+    `family` (`families.family_samples`), every method with its last `exact` rows exact (covering the
+    tail), against one dense pass; per-sample values, t intervals and the paired differences of `pairs`.
+    `skip(name)` true leaves a method out (a deadline); `done(cell)` runs after each method."""
+    _check_length(engine, length)
+    prefills = {k: v if v.method == "dense" else dataclasses.replace(v, tail=exact)
+                for k, v in _prefills(methods, length).items()}
+    texts = family_samples(family, engine.tokenizer, length=length, n=samples, seed=seed, tail_tokens=exact - 1)
+    seqs = [s.tokens for s in texts]
+    ref = score_all(engine, seqs, PrefillConfig(method="dense"), last=exact, batch_size=batch_size)
+    dense_nll = body_nll(ref, texts, exact=exact, start_fraction=start_fraction)
+    cell = {"family": family, "length": length, "samples": len(texts), "exact": exact,
+            "tokens": float(np.mean([len(x) for x in seqs])), "recall_tokens": float(np.mean([s.tail for s in texts])),
+            "head_tokens": float(np.mean([s.head for s in texts])),
+            "dense": {**nll_summary(PrefillConfig(method="dense"), dense_nll, dense_nll),
+                      "value_top1": mean_value_top1(ref, texts)},
+            "methods": {}, "paired": {}}
+    for name, pre in prefills.items():
+        if skip is not None and skip(name):
+            continue
+        t0 = time.time()
+        res = ref if pre.method == "dense" else score_all(engine, seqs, pre, last=exact, batch_size=batch_size)
+        nll = body_nll(res, texts, exact=exact, start_fraction=start_fraction)
+        cell["methods"][name] = {**kl_summary(pre, kl_stats(ref, res, texts)), **nll_summary(pre, nll, dense_nll),
+                                 "seconds": time.time() - t0}
+        cell["paired"] = paired(cell["methods"], pairs)
+        if done is not None:
+            done(cell)
+    return cell
 
 
 def perplexity(engine, methods: dict, *, length: int, samples: int = 4, seed: int = 0,
