@@ -128,6 +128,11 @@ def _diff(x: dict, digits: int = 3) -> str:
     return f"{x['mean']:+.{digits}f} [{x['ci_low']:+.{digits}f}, {x['ci_high']:+.{digits}f}]"
 
 
+def _order(names) -> list[str]:
+    """Methods in the tables' order: recompute, published delta, shrink, taylor, then the rest."""
+    return sorted(names, key=lambda m: list(LABELS).index(m) if m in LABELS else len(LABELS))
+
+
 def pooled(per: dict, x: str, y: str, key: str) -> dict | None:
     """Paired difference over the samples of every family at one length that has both methods."""
     a, b = [], []
@@ -141,7 +146,7 @@ def pooled(per: dict, x: str, y: str, key: str) -> dict | None:
 def families_tables(res: dict) -> str:
     """Markdown: per length, KL over the recall tail and body NLL per family and method (± 95% t
     half-width) and the paired taylor - shrink difference [95% t interval]."""
-    names = list(res["config"]["methods"])
+    names = _order(res["config"]["methods"])
     x, y = PAIRS[0]
     out = []
     for n in sorted(res["cells"], key=int):
@@ -169,19 +174,22 @@ def families_tables(res: dict) -> str:
 
 
 def families_plot(res: dict, path: str) -> str:
-    """KL and body NLL minus dense per family (groups) and method (bars), and the paired differences
-    taylor - shrink of both (per family and pooled), 95% intervals; one column per length."""
+    """Per length (columns): KL over the recall tail and body NLL minus dense per family (groups) and
+    method (bars), each followed by the paired difference taylor - shrink per family and pooled; 95%
+    t intervals."""
     plt = report._pyplot()
-    names = list(res["config"]["methods"])
+    names = _order(res["config"]["methods"])
     lengths = sorted(res["cells"], key=int)
-    fig, axes = plt.subplots(3, len(lengths), figsize=(6 * len(lengths), 10), squeeze=False)
+    fig, axes = plt.subplots(4, len(lengths), figsize=(6 * len(lengths), 13), squeeze=False)
     width = 0.8 / max(1, len(names))
+    x, y = PAIRS[0]
+    pair = f"{LABELS.get(x, x).strip('`')} - {LABELS.get(y, y).strip('`')}"
     for j, n in enumerate(lengths):
         per = res["cells"][n]
         fams = [f for f in FAMILIES if f in per]
-        for i, (key, ylabel) in enumerate((("kl", "KL(dense || method), recall tail"),
-                                           ("nll_minus_dense", "body NLL - dense"))):
-            ax = axes[i, j]
+        for i, (key, diff, ylabel, short) in enumerate((("kl", "kl", "KL(dense || method), recall tail", "KL"),
+                                                        ("nll_minus_dense", "nll", "body NLL - dense", "body NLL"))):
+            ax = axes[2 * i, j]
             for k, m in enumerate(names):
                 recs = [per[f]["methods"].get(m) for f in fams]
                 xs = [q + (k - (len(names) - 1) / 2) * width for q, r in enumerate(recs) if r]
@@ -193,19 +201,16 @@ def families_plot(res: dict, path: str) -> str:
             ax.set_ylabel(ylabel)
             ax.set_title(f"{n} tokens")
             ax.grid(alpha=0.3, axis="y")
-        x, y = PAIRS[0]
-        ax = axes[2, j]
-        for k, (key, label) in enumerate((("kl", "KL"), ("nll", "body NLL"))):
-            ds = [per[f]["paired"].get(f"{x} - {y}", {}).get(key) for f in fams] + [pooled(per, x, y, key)]
-            pts = [(q + (k - 0.5) * 0.3, d) for q, d in enumerate(ds) if d]
+            ax = axes[2 * i + 1, j]
+            pts = [(q, d) for q, d in enumerate([per[f]["paired"].get(f"{x} - {y}", {}).get(diff) for f in fams]
+                                                + [pooled(per, x, y, diff)]) if d]
             if pts:
-                ax.errorbar([p for p, _ in pts], [d["mean"] for _, d in pts], capsize=3, fmt="o", label=label,
+                ax.errorbar([q for q, _ in pts], [d["mean"] for _, d in pts], fmt="o", capsize=3,
                             yerr=[[d["mean"] - d["ci_low"] for _, d in pts], [d["ci_high"] - d["mean"] for _, d in pts]])
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks(range(len(fams) + 1), fams + ["pooled"])
-        ax.set_ylabel(f"{LABELS.get(x, x).strip('`')} - {LABELS.get(y, y).strip('`')} (paired)")
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set_xticks(range(len(fams) + 1), fams + ["pooled"])
+            ax.set_ylabel(f"{short}: {pair} (paired)")
+            ax.grid(alpha=0.3, axis="y")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"window {res['config']['window']}, sinks {res['config']['sinks']}, gamma {res['config']['gamma']}, "
                  f"{res['config']['samples']} samples per bar, 95% t intervals")
@@ -267,7 +272,10 @@ def merge_families(runs: list[dict]) -> dict:
 
 def make_report(paths: list[str], out: str) -> None:
     """Merged JSON, markdown tables and plots of the families and pipeline runs in `paths`."""
-    runs = [json.load(open(p)) for p in paths]
+    runs = []
+    for p in paths:
+        with open(p) as f:
+            runs.append(json.load(f))
     fams = [r for r in runs if "cells" in r]
     rows = {}
     for r in runs:
