@@ -144,8 +144,9 @@ def pooled(per: dict, x: str, y: str, key: str) -> dict | None:
 
 
 def families_tables(res: dict) -> str:
-    """Markdown: per length, KL over the recall tail and body NLL per family and method (± 95% t
-    half-width) and the paired taylor - shrink difference [95% t interval]."""
+    """Markdown: per length, KL over the recall tail (with dense's teacher-forced top-1 accuracy on the
+    recalled value tokens: how much of the recall the model can do at all) and body NLL per family and
+    method (± 95% t half-width), and the paired taylor - shrink difference [95% t interval]."""
     names = _order(res["config"]["methods"])
     x, y = PAIRS[0]
     out = []
@@ -153,13 +154,14 @@ def families_tables(res: dict) -> str:
         per = res["cells"][n]
         fams = [f for f in FAMILIES if f in per]
         for key, title in (("kl", "KL(dense ‖ method) over the recall tail"), ("nll", "body NLL")):
-            dense = ["dense"] if key == "nll" else []
+            dense = ["dense"] if key == "nll" else ["dense top-1 on values"]
             head = ["family", "samples"] + dense + [LABELS.get(m, m) for m in names] + ["taylor − shrink [95%]"]
             lines = [f"**{title}, {n} tokens**", "", "| " + " | ".join(head) + " |",
                      "|---|" + "---:|" * (len(head) - 1)]
             for f in fams:
                 cell = per[f]
-                cells = [f, str(cell["samples"])] + ([_ci(cell["dense"]["nll"])] if dense else [])
+                cells = [f, str(cell["samples"]), _ci(cell["dense"]["nll"]) if key == "nll" else
+                         f"{100 * cell['dense']['value_top1']:.0f}%"]
                 cells += [_ci(cell["methods"][m][key], 4 if key == "kl" else 3) if m in cell["methods"] else ""
                           for m in names]
                 d = cell["paired"].get(f"{x} - {y}")

@@ -1,8 +1,8 @@
 """Fidelity to dense attention: KL of next-token distributions over a recall tail, and perplexity.
 
-- `recall_samples` (in `families`, with the other recall texts): key: value records listed early, filler, then the same
-  records recalled (shuffled) at the end; `tail` is the recall section's token count and `value_positions`
-  the indices of the recalled value tokens.
+- `recall_samples` (in `families`, with the other recall texts): key: value records listed early, filler,
+  then the same records recalled (shuffled) at the end; `tail` is the recall section's token count and
+  `value_positions` the indices of the recalled value tokens.
 - `kl_fidelity(engine, methods, length=, samples=)`: per method, KL(dense || method) of the next-token
   distributions at the positions predicting the recall tail (mean over positions, then over samples, with
   a t interval), the same at the positions predicting value tokens, the top-1 agreement with dense, and
@@ -201,6 +201,8 @@ def family_fidelity(engine, methods: dict, *, family: str, length: int, samples:
     tail), against one dense pass; per-sample values, t intervals and the paired differences of `pairs`.
     `skip(name)` true leaves a method out (a deadline); `done(cell)` runs after each method."""
     _check_length(engine, length)
+    if not 1 < exact < length:
+        raise ValueError(f"exact={exact} must lie between 2 and length={length}")
     prefills = {k: v if v.method == "dense" else dataclasses.replace(v, tail=exact)
                 for k, v in _prefills(methods, length).items()}
     texts = family_samples(family, engine.tokenizer, length=length, n=samples, seed=seed, tail_tokens=exact - 1)

@@ -51,9 +51,13 @@ def test_family_fidelity_fake(fake_engine):
     assert d["kl"]["boot_low"] <= d["kl"]["mean"] <= d["kl"]["boot_high"]
 
 
-def test_family_fidelity_skip(fake_engine):
+def test_family_fidelity_skip_and_bad_input(fake_engine):
     cell = _fake_cell(fake_engine, skip=lambda name: name == "wide")
     assert list(cell["methods"]) == ["window"] and cell["paired"] == {}
+    with pytest.raises(ValueError, match="exact=900 "):
+        family_fidelity(fake_engine, METHODS, family="kv", length=900, samples=1, exact=900)
+    with pytest.raises(ValueError, match="'poetry'"):
+        family_fidelity(fake_engine, METHODS, family="poetry", length=900, samples=1)
 
 
 def test_family_fidelity_real_engine():
