@@ -91,7 +91,8 @@ def test_study_report(fake_engine, tmp_path):
     kv = cells["kv"]["methods"]
     shrink, taylor = (f"{kv[m]['kl']['mean']:.4f} ± {(kv[m]['kl']['ci_high'] - kv[m]['kl']['ci_low']) / 2:.4f}"
                       for m in ("delta_shrink", "delta_taylor"))
-    assert f"| kv | 3 | {shrink} | {taylor} | " in md  # the README order: shrink before taylor
+    top1 = f"{100 * cells['kv']['dense']['value_top1']:.0f}%"
+    assert f"| kv | 3 | {top1} | {shrink} | {taylor} | " in md  # the README order: shrink before taylor
     assert f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" in md
     assert "| all families (pooled) | 6 |" in md and "**body NLL, 900 tokens**" in md
     # two runs holding one method each merge into the full result (paired differences recomputed)
