@@ -38,6 +38,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.real_model_eval import G, S, W, Clock, log, pick, run_tasks  # noqa: E402
 from delta_jax import delta as delta_mod  # noqa: E402
 from delta_jax.config import DecodeConfig, PrefillConfig  # noqa: E402
+from delta_jax.engine import Engine  # noqa: E402
 from delta_jax.eval import fidelity, report, runner  # noqa: E402
 from delta_jax.eval.families import FAMILIES  # noqa: E402
 from delta_jax.eval.stats import paired_difference  # noqa: E402
@@ -343,7 +344,6 @@ def main(argv=None):
     pick(a.methods)
     delta_mod.KERNEL_BACKEND = a.kernel_backend
     clock = Clock(a.deadline)
-    from delta_jax.engine import Engine
     engine = Engine.from_pretrained(a.model, dtype=a.dtype, progress=False)
     for stage in stages:
         out = os.path.join(a.out, stage)
