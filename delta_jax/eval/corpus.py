@@ -66,6 +66,12 @@ NOISE = (
 )
 
 
+def sentence(rng: random.Random) -> tuple[str, str]:
+    """A template sentence as (subject, predicate): `" ".join` of the two is the sentence, ending in a stop."""
+    subject = rng.choice(_SUBJECTS)
+    return subject, f"{rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_CLAUSES)}."
+
+
 def _build_essay(count: int = 480, seed: int = 20250511) -> tuple[str, ...]:
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -74,7 +80,7 @@ def _build_essay(count: int = 480, seed: int = 20250511) -> tuple[str, ...]:
         if rng.random() < 0.2:
             s = rng.choice(_REFLECTIONS)
         else:
-            s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_CLAUSES)}."
+            s = " ".join(sentence(rng))
         if s in seen and s not in _REFLECTIONS:
             continue
         seen.add(s)

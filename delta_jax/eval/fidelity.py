@@ -1,8 +1,8 @@
 """Fidelity to dense attention: KL of next-token distributions over a recall tail, and perplexity.
 
-- `recall_samples(tokenizer, length=, n=, seed=)`: key: value records listed early, filler, then the same
-  records recalled (shuffled) at the end; `tail` is the recall section's token count and `value_positions`
-  the indices of the recalled value tokens.
+- `recall_samples` (in `families`, with the other recall texts): key: value records listed early, filler,
+  then the same records recalled (shuffled) at the end; `tail` is the recall section's token count and
+  `value_positions` the indices of the recalled value tokens.
 - `kl_fidelity(engine, methods, length=, samples=)`: per method, KL(dense || method) of the next-token
   distributions at the positions predicting the recall tail (mean over positions, then over samples, with
   a t interval), the same at the positions predicting value tokens, the top-1 agreement with dense, and
@@ -10,6 +10,8 @@
 - `perplexity(engine, methods, length=, samples=)`: perplexity of long prose over the positions from
   `start_fraction * length` on, per method, and the paired NLL difference to dense.
 - `run_fidelity(engine, methods=, lengths=, out_dir=)`: both over lengths, written to `fidelity.json`.
+- `family_fidelity(engine, methods, family=, length=, samples=)`: on a text family of `families`, the KL over
+  its exact recall tail and the NLL of its body from one scoring pass per method, with paired differences.
 """
 
 from __future__ import annotations
@@ -18,72 +20,32 @@ import dataclasses
 import math
 import os
 import random
-from typing import Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from delta_jax.config import PrefillConfig
 from delta_jax.eval import methods as methods_lib
-from delta_jax.eval.corpus import filler_stream, prose
-from delta_jax.eval.stats import t_interval
-from delta_jax.eval.tasks import _number, _word_keys, encode
+from delta_jax.eval.corpus import prose
+from delta_jax.eval.families import RecallSample, family_samples, recall_samples
+from delta_jax.eval.stats import paired_difference, t_interval
+from delta_jax.eval.tasks import encode
 
 
 def kl_divergence(logp: np.ndarray, logq: np.ndarray, axis: int = -1) -> np.ndarray:
-    """KL(p || q) = sum p (log p - log q) along `axis`, from log-probabilities, in float64.
+    """KL(p || q) = sum p (log p - log q) along `axis`, from log-probabilities, in the inputs' precision
+    (float32 at least: float32 scores of a whole vocabulary are 20x faster than in float64).
     Terms with p = 0 contribute 0; p > 0 where q = 0 gives inf."""
-    lp = np.asarray(logp, np.float64)
-    lq = np.asarray(logq, np.float64)
+    dtype = np.result_type(logp, logq, np.float32)
+    lp = np.asarray(logp, dtype)
+    lq = np.asarray(logq, dtype)
     if lp.shape != lq.shape:
         raise ValueError(f"logp shape {lp.shape} != logq shape {lq.shape}")
     p = np.exp(lp)
     with np.errstate(invalid="ignore"):
         terms = np.where(p > 0, p * (lp - lq), 0.0)
     return terms.sum(axis=axis)
-
-
-@dataclasses.dataclass
-class RecallSample:
-    """Token ids, the length of the recall tail (last `tail` tokens) and the recalled value token indices."""
-
-    tokens: list[int]
-    tail: int
-    value_positions: list[int]
-    records: list[tuple[str, str]]
-
-
-def recall_samples(tokenizer, *, length: int, n: int, seed: int = 0, pairs: int = 8) -> list[RecallSample]:
-    """`n` recall texts of at most `length` tokens (records early, filler, the records recalled at the end)."""
-    if pairs < 1 or n < 1:
-        raise ValueError(f"need pairs >= 1 and n >= 1, got pairs={pairs}, n={n}")
-    out = []
-    for i in range(n):
-        rng = random.Random(f"recall|{length}|{seed}|{i}")
-        keys = _word_keys(rng, pairs)
-        records = [(k, _number(rng, 7)) for k in keys]
-        head = "Here is a list of records, one key and its value per line.\n" + "".join(
-            f"{k}: {v}\n" for k, v in records)
-        recalled = list(records)
-        rng.shuffle(recalled)
-        tail_ids = encode(tokenizer, "\n\nThe same records again:\n", add_special_tokens=False)
-        value_offsets = []
-        for k, v in recalled:
-            tail_ids += encode(tokenizer, f"{k}:", add_special_tokens=False)
-            vids = encode(tokenizer, f" {v}", add_special_tokens=False)
-            value_offsets += range(len(tail_ids), len(tail_ids) + len(vids))
-            tail_ids += vids + encode(tokenizer, "\n", add_special_tokens=False)
-        head_ids = encode(tokenizer, head, add_special_tokens=True)
-        budget = length - len(head_ids) - len(tail_ids)
-        if budget < 0:
-            raise ValueError(f"length={length} tokens is too short for {pairs} recall pairs "
-                             f"({len(head_ids) + len(tail_ids)} tokens without filler)")
-        filler = encode(tokenizer, " ".join(filler_stream("essay", rng, budget // 4 + 8)),
-                        add_special_tokens=False)[:budget]
-        tokens = head_ids + filler + tail_ids
-        start = len(head_ids) + len(filler)
-        out.append(RecallSample(tokens=tokens, tail=len(tail_ids),
-                                value_positions=[start + o for o in value_offsets], records=recalled))
-    return out
 
 
 def prose_tokens(tokenizer, *, length: int, n: int, seed: int = 0) -> list[list[int]]:
@@ -200,12 +162,19 @@ def value_top1(last_logprobs: np.ndarray, s: RecallSample, last: int) -> float:
 
 
 def nll_stats(res: Sequence, texts: Sequence, start_fraction: float = 0.5) -> list[float]:
-    """Per-text mean negative log-likelihood over positions `t >= start_fraction * len(text)`."""
+    """Per-text mean negative log-likelihood of the tokens `t` with `start_fraction * len(text) <= t <
+    len(text)`; `text` may be a prefix of the scored prompt."""
     out = []
     for r, toks in zip(res, texts):
         first = max(1, int(start_fraction * len(toks)))
-        out.append(float(-np.mean(np.asarray(r.logprobs, np.float64)[first - 1:])))
+        out.append(float(-np.mean(np.asarray(r.logprobs, np.float64)[first - 1:len(toks) - 1])))
     return out
+
+
+def body_nll(res: Sequence, texts: Sequence[RecallSample], *, exact: int, start_fraction: float = 0.5) -> list[float]:
+    """Per-text mean NLL over the body: the tokens predicted by the rows before the last `exact` (which
+    every method computes exactly), from `start_fraction` of them on."""
+    return nll_stats(res, [s.tokens[:len(s.tokens) - exact + 1] for s in texts], start_fraction)
 
 
 def nll_summary(prefill: PrefillConfig, nll: list, dense_nll: list) -> dict:
@@ -214,6 +183,50 @@ def nll_summary(prefill: PrefillConfig, nll: list, dense_nll: list) -> dict:
     return {"prefill": dataclasses.asdict(prefill), "nll": {"mean": m, "ci_low": lo, "ci_high": hi},
             "perplexity": {"mean": math.exp(m), "ci_low": math.exp(lo), "ci_high": math.exp(hi)},
             "nll_minus_dense": _mean_ci(np.asarray(nll) - np.asarray(dense_nll)), "per_sample_nll": nll}
+
+
+def paired(methods: dict, pairs: Sequence[tuple[str, str]]) -> dict:
+    """Paired differences `a - b` of the per-sample KL and NLL of method records, for the pairs present."""
+    return {f"{x} - {y}": {k: paired_difference(methods[x][f"per_sample_{k}"], methods[y][f"per_sample_{k}"])
+                           for k in ("kl", "nll")}
+            for x, y in pairs if x in methods and y in methods}
+
+
+def family_fidelity(engine, methods: dict, *, family: str, length: int, samples: int, seed: int = 0,
+                    exact: int = 160, start_fraction: float = 0.5, batch_size: int = 8,
+                    pairs: Sequence[tuple[str, str]] = (), skip: Optional[Callable[[str], bool]] = None,
+                    done: Optional[Callable[[dict], None]] = None) -> dict:
+    """KL(dense || method) over the recall tail and the body NLL (`body_nll`) of `samples` texts of
+    `family` (`families.family_samples`), every method with its last `exact` rows exact (covering the
+    tail), against one dense pass; per-sample values, t intervals and the paired differences of `pairs`.
+    `skip(name)` true leaves a method out (a deadline); `done(cell)` runs after each method."""
+    _check_length(engine, length)
+    if not 1 < exact < length:
+        raise ValueError(f"exact={exact} must lie between 2 and length={length}")
+    prefills = {k: v if v.method == "dense" else dataclasses.replace(v, tail=exact)
+                for k, v in _prefills(methods, length).items()}
+    texts = family_samples(family, engine.tokenizer, length=length, n=samples, seed=seed, tail_tokens=exact - 1)
+    seqs = [s.tokens for s in texts]
+    ref = score_all(engine, seqs, PrefillConfig(method="dense"), last=exact, batch_size=batch_size)
+    dense_nll = body_nll(ref, texts, exact=exact, start_fraction=start_fraction)
+    cell = {"family": family, "length": length, "samples": len(texts), "exact": exact,
+            "tokens": float(np.mean([len(x) for x in seqs])), "recall_tokens": float(np.mean([s.tail for s in texts])),
+            "head_tokens": float(np.mean([s.head for s in texts])),
+            "dense": {**nll_summary(PrefillConfig(method="dense"), dense_nll, dense_nll),
+                      "value_top1": mean_value_top1(ref, texts)},
+            "methods": {}, "paired": {}}
+    for name, pre in prefills.items():
+        if skip is not None and skip(name):
+            continue
+        t0 = time.time()
+        res = ref if pre.method == "dense" else score_all(engine, seqs, pre, last=exact, batch_size=batch_size)
+        nll = body_nll(res, texts, exact=exact, start_fraction=start_fraction)
+        cell["methods"][name] = {**kl_summary(pre, kl_stats(ref, res, texts)), **nll_summary(pre, nll, dense_nll),
+                                 "seconds": time.time() - t0}
+        cell["paired"] = paired(cell["methods"], pairs)
+        if done is not None:
+            done(cell)
+    return cell
 
 
 def perplexity(engine, methods: dict, *, length: int, samples: int = 4, seed: int = 0,

@@ -1,4 +1,5 @@
-"""Confidence intervals: Wilson (binomial accuracies), Student t and percentile bootstrap (means)."""
+"""Confidence intervals: Wilson (binomial accuracies), Student t and percentile bootstrap (means), paired
+differences."""
 
 from __future__ import annotations
 
@@ -60,6 +61,18 @@ def bootstrap_interval(values: Sequence[float], *, resamples: int = 2000, seed: 
     means = x[rng.integers(0, x.size, (resamples, x.size))].mean(axis=1)
     lo, hi = np.quantile(means, [0.025, 0.975])
     return float(x.mean()), float(lo), float(hi)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], *, seed: int = 0) -> dict:
+    """Mean of `a - b` over paired samples with its 95% t interval (`ci_low`, `ci_high`) and percentile
+    bootstrap interval (`boot_low`, `boot_high`)."""
+    if np.ndim(a) != 1 or np.shape(a) != np.shape(b):
+        raise ValueError(f"paired values need two flat sequences of one length, got shapes {np.shape(a)} and "
+                         f"{np.shape(b)}")
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    m, lo, hi = t_interval(d)
+    _, blo, bhi = bootstrap_interval(d, seed=seed)
+    return {"mean": m, "ci_low": lo, "ci_high": hi, "boot_low": blo, "boot_high": bhi, "n": int(d.size)}
 
 
 def accuracy_interval(hits: Sequence[int], totals: Sequence[int], *, seed: int = 0) -> dict:

@@ -58,3 +58,17 @@ def test_accuracy_interval_picks_method():
     assert multi["ci_low"] <= 0.75 <= multi["ci_high"] and (multi["hits"], multi["total"], multi["n"]) == (9, 12, 4)
     with pytest.raises(ValueError, match="hits"):
         accuracy_interval([2], [1])
+
+
+def test_paired_difference():
+    from delta_jax.eval.stats import paired_difference
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=40)
+    b = a - 0.3 + 0.05 * rng.normal(size=40)  # paired: the shared part cancels
+    d = paired_difference(a, b, seed=2)
+    m, lo, hi = t_interval(a - b)
+    assert (d["mean"], d["ci_low"], d["ci_high"], d["n"]) == (m, lo, hi, 40)
+    assert d["boot_low"] < 0.3 < d["boot_high"] and hi - lo < 0.05
+    assert (d["boot_low"], d["boot_high"]) == bootstrap_interval(a - b, seed=2)[1:]
+    with pytest.raises(ValueError, match=r"\(3,\) and \(1,\)"):
+        paired_difference([1.0, 2.0, 3.0], [1.0])
