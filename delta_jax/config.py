@@ -198,8 +198,7 @@ class DecodeConfig:
     """Decode attention: `dense`, or `delta` (DELTA: full, selection and sparse layers).
 
     `selection_layers=None` scales the reference's layers 2, 14, 22 of 28 to the model depth;
-    `full_layers=None` means the first two layers. `kernel`: dense decode attention through XLA or
-    through jax's Pallas GPU decode kernel (`pallas`). `variant`: "published", "sum" (pages ranked by
+    `full_layers=None` means the first two layers. `variant`: "published", "sum" (pages ranked by
     the head-mean of the softmax) or "per_layer" (every non-full layer selects its own pages: the
     upper bound for per-layer methods).
     """
@@ -211,15 +210,12 @@ class DecodeConfig:
     budget: int = 64
     recent: int = 8
     variant: str = "published"
-    kernel: str = "xla"
 
     def __post_init__(self):
         if self.method not in ("dense", "delta"):
             raise ConfigError(f"unknown decode method {self.method!r}; choose dense or delta")
         if self.variant not in DECODE_VARIANTS:
             raise ConfigError(f"unknown DELTA variant {self.variant!r}; choose one of {DECODE_VARIANTS}")
-        if self.kernel not in ("xla", "pallas"):
-            raise ConfigError(f"unknown dense decode kernel {self.kernel!r}; choose xla or pallas")
         if self.method == "dense":
             return
         if self.page_size < 1:

@@ -69,6 +69,8 @@ class Steps:
         return self._run(key, lambda: jax.jit(fn, **jit_kw), args, what)
 
     def _run(self, key, make, args, what: str):
+        from delta_jax.delta import KERNEL_BACKEND
+        key = (*key, KERNEL_BACKEND)  # the kernel path is part of what a compile means
         if key not in self._fns:
             self._fns[key] = make()
         sig = (key, tuple(self._signature(a) for a in args))
