@@ -84,20 +84,9 @@ def _convert_gguf(src: str, tmp: str, dtype: Optional[str], progress: bool) -> d
 
 
 def export_gguf_tokenizer(src: str, dst: str, cfg: dict) -> None:
-    """Writes a fast tokenizer (with chat template, bos/eos) and generation_config.json built from a GGUF."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(src)), gguf_file=os.path.basename(src))
-    tok.save_pretrained(dst)
-    tc_path = os.path.join(dst, "tokenizer_config.json")
-    with open(tc_path) as f:
-        tc = json.load(f)
-    if tok.chat_template and "chat_template" not in tc:
-        tc["chat_template"] = tok.chat_template
-    # transformers 5 names the fast tokenizer class TokenizersBackend; 4.x only knows the alias.
-    if tc.get("tokenizer_class") == "TokenizersBackend":
-        tc["tokenizer_class"] = "PreTrainedTokenizerFast"
-    with open(tc_path, "w") as f:
-        json.dump(tc, f, indent=2, ensure_ascii=False)
+    """Writes the GGUF file's tokenizer (see `gguf_tokenizer`) and generation_config.json (bos/eos/pad ids)."""
+    from . import gguf_tokenizer
+    gguf_tokenizer.export(src, dst)
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
     with open(os.path.join(dst, "generation_config.json"), "w") as f:
         json.dump(gen, f, indent=2)

