@@ -10,8 +10,8 @@ owns `num_pages / data` pages and the slots `[d * slots / data, (d + 1) * slots 
 hold page numbers local to the shard. Local page 0 of every shard is the trash page: writes of
 inactive rows and of padding land there and nothing reads it.
 
-Sizes round up on one ladder (`ladder`): 8 values per octave, so padding is at most 1/8 and the number
-of compiled shapes stays logarithmic in the size.
+Sizes (pages, page tables, slots, prefill batches and lengths) round up on one ladder (`ladder`): 8 values
+per octave, so padding is at most 1/8 and the number of compiled shapes stays logarithmic in the size.
 """
 
 from __future__ import annotations
@@ -35,11 +35,6 @@ def ladder(n: int, minimum: int = 1) -> int:
         return n
     step = 1 << (n.bit_length() - 4)  # 2^k with 8 * 2^k <= n < 16 * 2^k
     return -(-n // step) * step
-
-
-def pow2(n: int) -> int:
-    """Smallest power of two >= n (batch and slot counts)."""
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def pages_for(tokens: int, page_size: int) -> int:

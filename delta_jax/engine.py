@@ -295,7 +295,7 @@ class Engine:
         n = len(prompt_lengths)
         ps = decode.page_size
         shards = self.mesh.shape["data"] if self.mesh is not None else 1
-        slots = -(-cache.pow2(n) // shards) * shards
+        slots = -(-cache.ladder(n) // shards) * shards
         need = [cache.pages_for(length + max_new_tokens, ps) for length in prompt_lengths]
         per_shard = [1 + sum(need[i] for i in range(n) if i // (slots // shards) == d) for d in range(shards)]
         pages = shards * cache.ladder(max(per_shard))
@@ -305,9 +305,9 @@ class Engine:
         t = prefill_length(max(prompt_lengths))
         act = lambda b: memory.prefill_bytes(self.config, b, t, self.dtype, self._model_shards())  # noqa: E731
         free, _ = memory.free_bytes()
-        batch = cache.pow2(n)
+        batch = n
         while batch > 1 and (pool + act(batch)) * self._sharing() > memory.HEADROOM * free:
-            batch //= 2
+            batch = -(-batch // 2)
         memory.check({"KV cache": pool, "prefill activations": act(batch)}, devices_sharing=self._sharing(), free=free,
                      hint="use fewer or shorter prompts or fewer new tokens, or shard over more devices with "
                           "--mesh model=N")

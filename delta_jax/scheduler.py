@@ -219,11 +219,11 @@ class Scheduler:
             self._prefill(group)
 
     def _prefill_tokens(self, group: Sequence[Request]) -> int:
-        return cache.pow2(len(group)) * prefill_length(max(len(r.prompt) for r in group))
+        return cache.ladder(len(group)) * prefill_length(max(len(r.prompt) for r in group))
 
     def _prefill(self, group: list[Request]) -> None:
         """Prefills `group` in one batch into its pages and inserts the rows into their slots."""
-        b, t = cache.pow2(len(group)), prefill_length(max(len(r.prompt) for r in group))
+        b, t = cache.ladder(len(group)), prefill_length(max(len(r.prompt) for r in group))
         w = self.spec.pages_per_seq
         tokens = np.zeros((b, t), np.int32)
         lengths = np.ones(b, np.int32)
