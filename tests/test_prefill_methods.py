@@ -108,7 +108,7 @@ def test_recompute_and_sparse_only_modes():
 def test_default_tail_is_the_authors():
     m = PrefillConfig(method="delta", gamma=64)
     assert m.tail_rows(1000) == 1000 % 64 + 128
-    tail, bound = delta.tail_lengths(jnp.asarray([1000, 100]), m, 1024)
+    tail, bound = pk.tail_rows(jnp.asarray([1000, 100]), 64), pk.max_tail_rows(1024, 64)
     assert tail.tolist() == [1000 % 64 + 128, 100] and bound == 63 + 128
 
 
