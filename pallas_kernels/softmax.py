@@ -85,14 +85,3 @@ def finish(carry: Carry):
     outs = tuple(a / _col(l_safe) for a in accs)
     return outs, jnp.where(empty, -jnp.inf, m + jnp.log2(l_safe))
 
-
-def merge(lse2_a, out_a, lse2_b, out_b):
-    """Softmax-weighted merge of two disjoint key sets' normalised outputs [..., D] by their base-2
-    log-partitions [...]: returns (out, lse2). Empty sets (-inf) get weight 0."""
-    top = jnp.maximum(lse2_a, lse2_b)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    wa, wb = jnp.exp2(lse2_a - top), jnp.exp2(lse2_b - top)
-    z = wa + wb
-    z_safe = jnp.where(z > 0, z, 1.0)
-    out = (wa[..., None] * out_a + wb[..., None] * out_b) / z_safe[..., None]
-    return out, jnp.where(z > 0, top + jnp.log2(z_safe), -jnp.inf)

@@ -33,7 +33,7 @@ from pallas_kernels import pick_backend
 
 from . import gpu, tpu, xla
 from .correction import (CORRECTIONS, VARIANTS, delta_correct, delta_rows, finish_rows, max_tail_rows,
-                         num_strided, tail_rows, taylor_combine)
+                         tail_rows, taylor_combine)
 from .schedule import FAR, Listed, phase_ranges, window_ranges, window_steps
 from .topk_blocks import select_blocks
 

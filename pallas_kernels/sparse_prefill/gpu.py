@@ -20,7 +20,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import softmax
 
-from .schedule import FAR, _div, block_start, phase_bounds, valid_mask
+from .schedule import FAR, block_start, div, phase_bounds, valid_mask
 
 
 def _kernel(*refs, folded, listed, num_tiles, block_k, num_k_blocks, window, sinks, gamma, scale, prec,
@@ -45,7 +45,7 @@ def _kernel(*refs, folded, listed, num_tiles, block_k, num_k_blocks, window, sin
         tmin, tmax = jnp.min(t), jnp.max(t)
     else:
         tmin = (num_tiles - 1 - pl.program_id(0)) * positions
-        t = tmin + _div(jnp.arange(bq, dtype=jnp.int32), fold)
+        t = tmin + div(jnp.arange(bq, dtype=jnp.int32), fold)
         tmax = tmin + (positions - 1)
 
     def step(kb, carry, masked):
@@ -61,16 +61,16 @@ def _kernel(*refs, folded, listed, num_tiles, block_k, num_k_blocks, window, sin
     if listed:
         carry = lax.fori_loop(0, cnt_ref[0], lambda j, c: step(idx_ref[j], c, True), carry)
     else:
-        hi = jnp.minimum(_div(tmax, block_k) + 1, num_k_blocks)
+        hi = jnp.minimum(div(tmax, block_k) + 1, num_k_blocks)
         if window >= FAR:
             lo = jnp.int32(0)
             inner_lo = jnp.int32(0)
         else:
             start_min, start_max = block_start(tmin, gamma), block_start(tmax, gamma)
-            lo = jnp.minimum(_div(jnp.maximum(start_min - window + 1, 0), block_k), hi)
-            inner_lo = jnp.minimum(_div(jnp.maximum(start_max - window + 1, 0) + block_k - 1, block_k), hi)
+            lo = jnp.minimum(div(jnp.maximum(start_min - window + 1, 0), block_k), hi)
+            inner_lo = jnp.minimum(div(jnp.maximum(start_max - window + 1, 0) + block_k - 1, block_k), hi)
         inner_lo = jnp.maximum(inner_lo, lo)
-        inner_hi = jnp.minimum(jnp.maximum(_div(tmin + 1, block_k), inner_lo), hi)
+        inner_hi = jnp.minimum(jnp.maximum(div(tmin + 1, block_k), inner_lo), hi)
         if sinks and window < FAR:
             sink_hi = jnp.minimum(-(-sinks // block_k), lo)
             # blocks before lo are causal and outside every row's window: only `s < sinks` matters
@@ -111,11 +111,11 @@ def _far_kernel(pos_ref, q_ref, k_ref, v_ref, *out_refs, block_k, num_k_blocks, 
         lower = phase_bounds(tmin, p, cuts, sinks, seq_len)[0]
         upper_min = phase_bounds(tmin, p, cuts, sinks, seq_len)[1]
         upper = phase_bounds(tmax, p, cuts, sinks, seq_len)[1]
-        lo = jnp.clip(_div(jnp.maximum(lower + 1, 0), block_k), 0, num_k_blocks)
-        hi = jnp.where(upper > lower, jnp.minimum(_div(jnp.maximum(upper, 0), block_k) + 1, num_k_blocks), lo)
+        lo = jnp.clip(div(jnp.maximum(lower + 1, 0), block_k), 0, num_k_blocks)
+        hi = jnp.where(upper > lower, jnp.minimum(div(jnp.maximum(upper, 0), block_k) + 1, num_k_blocks), lo)
         if p == 0:  # every row starts at the sinks: blocks inside [sinks, min upper] need no mask
-            inner_lo = jnp.minimum(_div(jnp.maximum(lower + block_k, 0), block_k), hi)
-            inner_hi = jnp.clip(_div(jnp.maximum(upper_min + 1, 0), block_k), inner_lo, hi)
+            inner_lo = jnp.minimum(div(jnp.maximum(lower + block_k, 0), block_k), hi)
+            inner_hi = jnp.clip(div(jnp.maximum(upper_min + 1, 0), block_k), inner_lo, hi)
             carry = lax.fori_loop(lo, inner_lo, masked, carry)
             carry = lax.fori_loop(inner_lo, inner_hi, functools.partial(step, bounds=None), carry)
             carry = lax.fori_loop(inner_hi, hi, masked, carry)

@@ -24,8 +24,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.softmax import MASK_VALUE  # noqa: F401  (re-exported for the bodies)
-
 FAR = 1 << 30  # a window larger than any sequence: dense causal attention
 
 
@@ -54,7 +52,7 @@ class Phases:
     steps: int = dataclasses.field(metadata=dict(static=True))
 
 
-def _div(a, b):
+def div(a, b):
     """Integer division of non-negative int32 values (a plain division in every lowering)."""
     return lax.div(a, jnp.int32(b))
 
@@ -77,8 +75,8 @@ def _per_head(x, kv_heads):
 def window_ranges(pos, kv_heads, *, block_rows, block_k, num_k_blocks, window, sinks, steps, gamma=None):
     """Ranges covering `start(t) - window < s <= t` or `s < sinks` for the rows of each tile."""
     tmin, tmax = tile_bounds(pos, block_rows)
-    lo = _div(jnp.maximum(block_start(tmin, gamma) - window + 1, 0), block_k)
-    hi = jnp.minimum(_div(tmax, block_k) + 1, num_k_blocks)
+    lo = div(jnp.maximum(block_start(tmin, gamma) - window + 1, 0), block_k)
+    hi = jnp.minimum(div(tmax, block_k) + 1, num_k_blocks)
     lo = jnp.minimum(lo, hi)
     sink_blocks = jnp.minimum(-(-sinks // block_k), lo)
     return Ranges(_per_head(sink_blocks, kv_heads), _per_head(lo, kv_heads), _per_head(hi, kv_heads), steps)
@@ -116,8 +114,8 @@ def phase_ranges(pos, kv_heads, *, block_rows, block_k, num_k_blocks, cuts, sink
     for p in range(len(cuts)):
         lower, _ = phase_bounds(tmin, p, cuts, sinks, seq_len)
         _, upper = phase_bounds(tmax, p, cuts, sinks, seq_len)
-        lo = jnp.clip(_div(jnp.maximum(lower + 1, 0), block_k), 0, num_k_blocks)
-        hi = jnp.where(upper >= lower + 1, jnp.clip(_div(jnp.maximum(upper, 0), block_k) + 1, 0, num_k_blocks), lo)
+        lo = jnp.clip(div(jnp.maximum(lower + 1, 0), block_k), 0, num_k_blocks)
+        hi = jnp.where(upper >= lower + 1, jnp.clip(div(jnp.maximum(upper, 0), block_k) + 1, 0, num_k_blocks), lo)
         los.append(jnp.broadcast_to(lo, tmin.shape))
         his.append(jnp.broadcast_to(jnp.maximum(hi, lo), tmin.shape))
     return Phases(_per_head(jnp.stack(los, -1), kv_heads), _per_head(jnp.stack(his, -1), kv_heads), steps)
