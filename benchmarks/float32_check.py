@@ -84,7 +84,7 @@ def main(argv=None):
     p.add_argument("--out", type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     if args.smoke:
-        args.len, args.window, args.sinks, args.gamma = 200, 48, 8, 16
+        args.len, args.window, args.sinks, args.gamma = 400, 48, 8, 16
         args.heads, args.kv_heads, args.head_dim = 4, 2, 64
     T, H, Hkv, D = args.len, args.heads, args.kv_heads, args.head_dim
     info = common.environment()

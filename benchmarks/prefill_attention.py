@@ -120,7 +120,7 @@ def spot_check(args, backend, interpret, bs, rbs=None, fbs=None, dtype=jnp.bfloa
             ref.delta_attention_reference(
                 q, k, v, window=w, sinks=s, gamma=g,
                 sparse_fn=lambda q_, k_, v_: _topk_reference(q_, k_, v_, w, s, args.topk, bs)))
-    if backend == "gpu" and dtype != jnp.float32:  # cuDNN takes 16-bit inputs only
+    if jax.default_backend() == "gpu" and dtype != jnp.float32:  # cuDNN takes 16-bit inputs only
         checks["window_vs_cudnn_window"] = lambda: rel_err(
             sp.sparse_attention(q, k, v, window=w, sinks=0, **kw),
             jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
@@ -248,10 +248,11 @@ def run_benchmark(args, backend, interpret, bs, deadline, log, rbs=None, fbs=Non
     return results
 
 
-WINDOW_VARIANTS = [  # (block_q, block_k, num_warps, num_stages, fold_heads)
-    (128, 64, 8, 3, False), (128, 64, 8, 3, True), (128, 64, 4, 3, True), (128, 128, 8, 3, True),
-    (64, 64, 4, 3, True), (128, 64, 8, 4, True), (64, 64, 4, 3, False), (128, 64, 8, 2, True),
-    (64, 128, 4, 3, True), (128, 32, 4, 3, True)]
+WINDOW_VARIANTS = [  # (block_q, block_k, num_warps, num_stages, fold_heads[, one_loop])
+    (64, 64, 4, 3, True), (64, 64, 4, 3, True, True), (128, 64, 8, 3, True), (128, 64, 8, 3, True, True),
+    (128, 64, 8, 3, False), (128, 64, 8, 3, False, True), (128, 128, 8, 3, True, True), (64, 64, 4, 4, True, True),
+    (128, 64, 4, 3, True), (128, 128, 8, 3, True), (128, 64, 8, 4, True), (64, 64, 4, 3, False),
+    (128, 64, 8, 2, True), (64, 128, 4, 3, True), (128, 32, 4, 3, True)]
 ROWS_VARIANTS = [  # (block_rows, block_k, num_warps, num_stages)
     (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
     (128, 128, 8, 2), (64, 128, 4, 3), (128, 128, 4, 3), (128, 32, 4, 4)]
@@ -272,8 +273,9 @@ def run_tune(args, backend, interpret, deadline, log):
     BlockSizes of each kernel."""
     w, s, g, D = args.window, args.sinks, args.gamma, args.head_dim
     out, best = [], {}
-    for kind, T, variants in (("window", args.lens[0], WINDOW_VARIANTS), ("rows", args.lens[-1], ROWS_VARIANTS),
-                              ("far", args.lens[-1], FAR_VARIANTS)):
+    kernels = (("window", args.lens[0], WINDOW_VARIANTS), ("rows", args.lens[-1], ROWS_VARIANTS),
+               ("far", args.lens[-1], FAR_VARIANTS))
+    for kind, T, variants in (x for x in kernels if x[0] in args.tune_kernels.split(",")):
         q, k, v = make_inputs(T, 1, args.heads, args.kv_heads, D, jnp.bfloat16)
         rows = sp.delta_rows(T, g, g)
         base_name = "cudnn_window" if kind == "window" else "cudnn_dense"
@@ -295,8 +297,9 @@ def run_tune(args, backend, interpret, deadline, log):
             if time.time() > deadline:
                 break
             if kind == "window":
-                bq, bk, nw, ns, fold = var
-                bs = sp.BlockSizes(block_q=bq, block_k=bk, num_warps=nw, num_stages=ns, fold_heads=fold)
+                bq, bk, nw, ns, fold, one_loop = var + (False,) * (6 - len(var))
+                bs = sp.BlockSizes(block_q=bq, block_k=bk, num_warps=nw, num_stages=ns, fold_heads=fold,
+                                   one_loop=one_loop)
                 f = jax.jit(lambda q, k, v, bs=bs: sp.sparse_attention(
                     q, k, v, window=w, sinks=s, backend=backend, interpret=interpret, block_sizes=bs))
             elif kind == "rows":
@@ -428,6 +431,7 @@ def main(argv=None):
                    help="sweep tiles (window kernel at the first of --lens, rows at the last); then, with "
                         "--bench-lens, run the benchmark there with the best tiles")
     p.add_argument("--bench-lens", type=str, default=None)
+    p.add_argument("--tune-kernels", type=str, default="window,rows,far", help="which kernels --tune sweeps")
     p.add_argument("--tune-budget-s", type=float, default=None, help="stop tuning after this")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, interpret mode off GPU")
     p.add_argument("--tag", type=str, default="")

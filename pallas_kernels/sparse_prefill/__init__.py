@@ -59,6 +59,8 @@ class BlockSizes:
     fold_heads: gpu sparse kernel: put the `group` heads of a kv head into one tile of block_q
       rows (block_q / group positions), loading each key block once per group (used when the
       group is a power of two dividing block_q).
+    one_loop: gpu window kernel: walk the sink blocks, the band edges and the interior in one
+      loop with every block masked (else four loops, the interior unmasked).
     """
 
     block_q: int = 128
@@ -67,6 +69,7 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     fold_heads: bool = False
+    one_loop: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "block_rows"):
@@ -225,7 +228,7 @@ def _attend_rows(q, k, v, rows, *, window, sinks, backend, interpret, bs, gather
         out, lse = gpu.attend_grouped(
             _pad_seq(q, tq), _pad_seq(k, tk), _pad_seq(v, tk), block_q=bs.block_q, block_k=bs.block_k,
             window=window, sinks=sinks, gamma=gamma, num_warps=bs.num_warps, num_stages=bs.num_stages,
-            interpret=interpret)
+            one_loop=bs.one_loop, interpret=interpret)
         return out[:, :T], lse[:, :, :T]
     if backend == "gpu" and not gathered:
         tq = _round_up(T, bs.block_q)
@@ -233,7 +236,7 @@ def _attend_rows(q, k, v, rows, *, window, sinks, backend, interpret, bs, gather
         out, lse = gpu.attend_direct(
             _pad_seq(q, tq), _pad_seq(k, tk), _pad_seq(v, tk), block_q=bs.block_q, block_k=bs.block_k,
             window=window, sinks=sinks, gamma=gamma, num_warps=bs.num_warps, num_stages=bs.num_stages,
-            interpret=interpret)
+            one_loop=bs.one_loop, interpret=interpret)
         return out[:, :T], lse[:, :, :T]
     block_rows = bs.block_q * group if not gathered else bs.block_rows
     tk = _round_up(T, bs.block_k)

@@ -24,7 +24,7 @@ from .schedule import FAR, block_start, div, phase_bounds, valid_mask
 
 
 def _kernel(*refs, folded, listed, num_tiles, block_k, num_k_blocks, window, sinks, gamma, scale, prec,
-            fold=1):
+            fold=1, one_loop=False):
     refs = list(refs)
     pos_ref = refs.pop(0) if folded else None
     q_ref, k_ref, v_ref = refs[:3]
@@ -71,13 +71,17 @@ def _kernel(*refs, folded, listed, num_tiles, block_k, num_k_blocks, window, sin
             inner_lo = jnp.minimum(div(jnp.maximum(start_max - window + 1, 0) + block_k - 1, block_k), hi)
         inner_lo = jnp.maximum(inner_lo, lo)
         inner_hi = jnp.minimum(jnp.maximum(div(tmin + 1, block_k), inner_lo), hi)
-        if sinks and window < FAR:
-            sink_hi = jnp.minimum(-(-sinks // block_k), lo)
-            # blocks before lo are causal and outside every row's window: only `s < sinks` matters
-            carry = lax.fori_loop(0, sink_hi, functools.partial(step, masked=sinks % block_k != 0), carry)
-        carry = lax.fori_loop(lo, inner_lo, functools.partial(step, masked=True), carry)
-        carry = lax.fori_loop(inner_lo, inner_hi, functools.partial(step, masked=False), carry)
-        carry = lax.fori_loop(inner_hi, hi, functools.partial(step, masked=True), carry)
+        # blocks before lo are causal and outside every row's window: only `s < sinks` matters
+        sink_hi = jnp.minimum(-(-sinks // block_k), lo) if sinks and window < FAR else jnp.int32(0)
+        if one_loop:  # sinks, band edges and interior in one loop, every block masked
+            carry = lax.fori_loop(0, sink_hi + hi - lo, lambda j, c: step(
+                jnp.where(j < sink_hi, j, lo + j - sink_hi), c, masked=True), carry)
+        else:
+            if sinks and window < FAR:
+                carry = lax.fori_loop(0, sink_hi, functools.partial(step, masked=sinks % block_k != 0), carry)
+            carry = lax.fori_loop(lo, inner_lo, functools.partial(step, masked=True), carry)
+            carry = lax.fori_loop(inner_lo, inner_hi, functools.partial(step, masked=False), carry)
+            carry = lax.fori_loop(inner_hi, hi, functools.partial(step, masked=True), carry)
     (o,), lse2 = softmax.finish(carry)
     o = o.astype(o_ref.dtype)
     lse = lse2 * softmax.LN2
@@ -133,7 +137,7 @@ def _params(num_warps, num_stages):
 
 
 def attend_direct(q, k, v, *, block_q, block_k, window, sinks, gamma=None, indices=None, counts=None,
-                  num_warps=4, num_stages=2, interpret=False):
+                  num_warps=4, num_stages=2, one_loop=False, interpret=False):
     """Every row in place. q [B, Tq, H, D] (Tq a multiple of block_q), k/v [B, Tk, Hkv, D]
     (Tk a multiple of block_k). Optional `indices` [B, Hkv, nQ, L] / `counts` [B, Hkv, nQ]:
     the key blocks of each query tile (else the window/sinks ranges). Returns out, lse [B, H, Tq]."""
@@ -144,7 +148,8 @@ def attend_direct(q, k, v, *, block_q, block_k, window, sinks, gamma=None, indic
     listed = indices is not None
     kernel = functools.partial(
         _kernel, folded=False, listed=listed, num_tiles=nq, block_k=block_k, num_k_blocks=tk // block_k,
-        window=window, sinks=sinks, gamma=gamma, scale=softmax.scale2(D), prec=softmax.precision(q.dtype))
+        window=window, sinks=sinks, gamma=gamma, scale=softmax.scale2(D), prec=softmax.precision(q.dtype),
+        one_loop=one_loop)
     in_specs = [
         pl.BlockSpec((None, block_q, None, D), lambda i, b, h: (b, nq - 1 - i, h, 0)),
         pl.BlockSpec((None, tk, None, D), lambda i, b, h: (b, 0, h // group, 0)),
@@ -172,7 +177,7 @@ def attend_direct(q, k, v, *, block_q, block_k, window, sinks, gamma=None, indic
 
 
 def attend_grouped(q, k, v, *, block_q, block_k, window, sinks, gamma=None, num_warps=4, num_stages=2,
-                   interpret=False):
+                   one_loop=False, interpret=False):
     """Every row in place, the `group` heads of a kv head in one tile of block_q rows
     (block_q / group positions), so each key block is loaded once per group and the band is
     narrower. q [B, Tq, H, D] (Tq a multiple of block_q / group), k/v [B, Tk, Hkv, D]; group a
@@ -185,7 +190,7 @@ def attend_grouped(q, k, v, *, block_q, block_k, window, sinks, gamma=None, num_
     kernel = functools.partial(
         _kernel, folded=False, listed=False, num_tiles=nq, block_k=block_k, num_k_blocks=tk // block_k,
         window=window, sinks=sinks, gamma=gamma, scale=softmax.scale2(D), prec=softmax.precision(q.dtype),
-        fold=group)
+        fold=group, one_loop=one_loop)
     out, lse = pl.pallas_call(
         kernel,
         grid=(nq, B, hkv),

@@ -83,6 +83,17 @@ def test_sparse_attention_and_lse(backend):
         assert rel_err(lse, want_lse) < 1e-5
 
 
+def test_gpu_window_kernel_in_one_loop():
+    # sinks, band edges and interior walked by one loop with every block masked, heads folded or not
+    q, k, v = _inputs(13, 2, 150, 8, 2)
+    want, want_lse = ref64(ref.sparse_attention_reference, q, k, v, window=37, sinks=20, return_lse=True)
+    for fold in (False, True):
+        bs = sp.BlockSizes(block_q=32, block_k=16, fold_heads=fold, one_loop=True)
+        out, lse = sp.sparse_attention(q, k, v, window=37, sinks=20, return_lse=True, backend="gpu",
+                                       interpret=True, block_sizes=bs)
+        assert rel_err(out, want) < 1e-5 and rel_err(lse, want_lse) < 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_window_covering_all_and_gamma_one_give_dense(backend):
     q, k, v = _inputs(2, 1, 100, 4, 4)
