@@ -50,6 +50,7 @@ def max_tail_rows(T: int, gamma, tail=None) -> int:
 
 
 def num_strided(T: int, gamma) -> int:
+    """Number of strided rows, ceil(T / gamma) (0 without gamma)."""
     return 0 if gamma is None else -(-T // gamma)
 
 
@@ -229,7 +230,7 @@ def taylor_combine(q, local, local_lse, far_k, far_v, far_lse, lengths=None, *, 
     tangent bounds `lse_a + (q_t - q_a) . mu_a / sqrt(D)` of the block's three anchor queries
     (exact far lse_a, mean key mu_a, mean value F_a: far_k / far_v [B, n, H, 3, D], far_lse
     [B, n, H, 3] per anchor and phase, see `taylor_anchors`) and whose output is that anchor's
-    F_a. Lse-sum-exp is convex in the query, so each bound is below row t's far log-partition,
+    F_a. Log-sum-exp is convex in the query, so each bound is below row t's far log-partition,
     short by KL(p_t || p_a); a sampled row is its own anchor and comes out exact. Returns float32
     [B, T, H, D]."""
     B, T, H, D = q.shape
