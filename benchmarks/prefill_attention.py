@@ -1,13 +1,16 @@
 """Prefill attention benchmark: dense (XLA, cuDNN), cuDNN sliding window, and our block-sparse
-kernels (sliding window + sinks, exact rows, Delta Attention), Llama-3.1-8B attention shapes.
+kernels (sliding window + sinks, exact rows, Delta Attention, its `taylor` variant), Llama-3.1-8B
+attention shapes.
 
     PYTHONPATH=. python benchmarks/prefill_attention.py --max-len 1048576
+    PYTHONPATH=. python benchmarks/prefill_attention.py --check          # kernels vs references, bf16 and f32
     PYTHONPATH=. python benchmarks/prefill_attention.py --smoke          # tiny, CPU
     PYTHONPATH=. python benchmarks/prefill_attention.py --tune --lens 131072,262144 --bench-lens 65536
 
 Writes prefill_attention[_TAG].json and .png to --out, prints a table last. TFLOP/s count only
-the score entries each method computes (4 * B * H * D per entry), against a measured bf16
-matmul ceiling.
+the score entries each method computes (4 * B * H * D per entry; the taylor far pass also
+accumulates the keys, a third matmul per entry not counted), against a measured bf16 matmul
+ceiling. Delta and taylor use an exact tail of gamma rows.
 """
 
 from __future__ import annotations
@@ -57,6 +60,17 @@ def entries_rows(rows):
     return float((np.asarray(rows, np.float64) + 1).sum())
 
 
+def entries_taylor(T, window, sinks, gamma):
+    """Block-aligned window and sinks of every row, the far keys of every anchor (its longest range),
+    and the exact tail."""
+    t = np.arange(T, dtype=np.float64)
+    span = window + t % gamma
+    local = np.minimum(t + 1, span) + np.clip(np.minimum(sinks, t + 1 - span), 0, None)
+    a = np.arange(-(-T // gamma), dtype=np.float64)
+    far = np.clip(np.minimum((a + 1) * gamma - window, T - 1) - sinks + 1, 0, None)
+    return float(local.sum() + far.sum()) + entries_rows(np.arange(T - gamma, T))
+
+
 def make_inputs(T, B, H, Hkv, D, dtype, seed=0):
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
     return (jax.random.normal(kq, (B, T, H, D), dtype), jax.random.normal(kk, (B, T, Hkv, D), dtype),
@@ -70,10 +84,10 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def spot_check(args, backend, interpret, bs, rbs=None):
-    """Our kernels against the dense-mask reference (float32) at a small T, each check alone."""
+def spot_check(args, backend, interpret, bs, rbs=None, fbs=None, dtype=jnp.bfloat16):
+    """Our kernels against the dense-mask references (float32) at a small T, each check alone."""
     T = args.check_len
-    q, k, v = make_inputs(T, 1, args.heads, args.kv_heads, args.head_dim, jnp.bfloat16, seed=7)
+    q, k, v = make_inputs(T, 1, args.heads, args.kv_heads, args.head_dim, dtype, seed=7)
     w, s, g = min(args.window, T // 4), min(args.sinks, T // 8), args.gamma
     kw = dict(backend=backend, interpret=interpret, block_sizes=bs)
     rkw = dict(backend=backend, interpret=interpret, block_sizes=rbs or bs)
@@ -88,9 +102,17 @@ def spot_check(args, backend, interpret, bs, rbs=None):
                                       ref.exact_rows_reference(q, k, v, rows)),
         "exact_rows_lse": lambda: rel_err(sp.exact_rows_attention(q, k, v, rows, return_lse=True, **rkw)[1],
                                           ref.exact_rows_reference(q, k, v, rows, return_lse=True)[1]),
-        "delta": lambda: rel_err(sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g,
+        "delta": lambda: rel_err(sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g, tail=g,
                                                     rows_block_sizes=rbs, **kw),
-                                 ref.delta_attention_reference(q, k, v, window=w, sinks=s, gamma=g)),
+                                 ref.delta_attention_reference(q, k, v, window=w, sinks=s, gamma=g, tail=g)),
+        "taylor_local": lambda: rel_err(
+            sp.sparse_attention(q, k, v, window=w, sinks=s, gamma=g, **kw),
+            ref.masked_attention(q, k, v, _aligned_mask(T, w, s, g))[0]),
+        "taylor_far_lse": lambda: _far_check(q, k, v, w, s, g, backend, interpret, fbs),
+        "taylor": lambda: rel_err(
+            sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g, tail=0, variant="taylor",
+                               far_block_sizes=fbs, **kw),
+            ref.taylor_reference(q, k, v, window=w, sinks=s, gamma=g)),
     }
     if args.topk:
         checks["delta_topk_blocks"] = lambda: rel_err(
@@ -98,7 +120,7 @@ def spot_check(args, backend, interpret, bs, rbs=None):
             ref.delta_attention_reference(
                 q, k, v, window=w, sinks=s, gamma=g,
                 sparse_fn=lambda q_, k_, v_: _topk_reference(q_, k_, v_, w, s, args.topk, bs)))
-    if backend == "gpu":
+    if jax.default_backend() == "gpu" and dtype != jnp.float32:  # cuDNN takes 16-bit inputs only
         checks["window_vs_cudnn_window"] = lambda: rel_err(
             sp.sparse_attention(q, k, v, window=w, sinks=0, **kw),
             jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
@@ -113,6 +135,28 @@ def spot_check(args, backend, interpret, bs, rbs=None):
     return res
 
 
+def _aligned_mask(T, window, sinks, gamma):
+    t = np.arange(T)[:, None]
+    s = np.arange(T)[None, :]
+    return jnp.asarray((s <= t) & ((s > t - t % gamma - window) | (s < sinks)))[None]
+
+
+def _far_check(q, k, v, window, sinks, gamma, backend, interpret, fbs):
+    """Far log-partitions of the anchors (phase 1: their own block's far keys) against dense masks."""
+    _, _, lse = sp.far_statistics(q, k, v, window=window, sinks=sinks, gamma=gamma, backend=backend,
+                                  interpret=interpret, block_sizes=fbs)
+    T = q.shape[1]
+    r = np.arange(0, T, gamma)
+    keys = np.arange(T)[None, :]
+    mask = jnp.asarray((keys >= sinks) & (keys <= (r - window)[:, None]))[None]
+    _, want = ref.masked_attention(q[:, ::gamma], k, v, mask)             # [1, H, n]
+    got, want = np.asarray(lse[..., 1]).transpose(0, 2, 1), np.asarray(want)
+    ok = np.isfinite(want)
+    if not np.array_equal(np.isfinite(got), ok):
+        return float("nan")
+    return rel_err(got[ok], want[ok])
+
+
 def _topk_reference(q, k, v, window, sinks, topk, bs):
     from pallas_kernels.sparse_prefill.topk_blocks import block_mask_from_indices
     idx, cnt = sp.select_blocks(q, k, block_q=bs.block_q, block_k=bs.block_k, window=window, sinks=sinks, topk=topk)
@@ -120,7 +164,7 @@ def _topk_reference(q, k, v, window, sinks, topk, bs):
     return ref.block_sparse_reference(q, k, v, mask, block_q=bs.block_q, block_k=bs.block_k)
 
 
-def methods(args, backend, interpret, bs, rbs=None):
+def methods(args, backend, interpret, bs, rbs=None, fbs=None):
     w, s, g = args.window, args.sinks, args.gamma
     kw = dict(backend=backend, interpret=interpret, block_sizes=bs)
     rkw = dict(backend=backend, interpret=interpret, block_sizes=rbs)
@@ -131,8 +175,11 @@ def methods(args, backend, interpret, bs, rbs=None):
             q, k, v, is_causal=True, implementation="cudnn", local_window_size=(w - 1, 0)),
         "ours_window": lambda q, k, v: sp.sparse_attention(q, k, v, window=w, sinks=s, **kw),
         "ours_rows": lambda q, k, v: sp.exact_rows_attention(q, k, v, sp.delta_rows(q.shape[1], g, g), **rkw),
-        "ours_delta": lambda q, k, v: sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g,
+        "ours_delta": lambda q, k, v: sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g, tail=g,
                                                          rows_block_sizes=rbs, **kw),
+        "ours_taylor": lambda q, k, v: sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g, tail=g,
+                                                          variant="taylor", rows_block_sizes=rbs,
+                                                          far_block_sizes=fbs, **kw),
     }
     if backend != "gpu":
         del out["cudnn_dense"], out["cudnn_window"]
@@ -144,7 +191,8 @@ def entries_of(name, T, args):
     rows = entries_rows(np.asarray(sp.delta_rows(T, g, g))[0])
     return {"xla_dense": entries_dense(T), "cudnn_dense": entries_dense(T),
             "cudnn_window": entries_window(T, w, 0), "ours_window": entries_window(T, w, s),
-            "ours_rows": rows, "ours_delta": entries_window(T, w, s) + rows}[name]
+            "ours_rows": rows, "ours_delta": entries_window(T, w, s) + rows,
+            "ours_taylor": entries_taylor(T, w, s, g)}[name]
 
 
 def reps_for(name, T):
@@ -153,9 +201,9 @@ def reps_for(name, T):
     return 3 if T >= 262144 else (5 if T >= 32768 else 10)
 
 
-def run_benchmark(args, backend, interpret, bs, deadline, log, rbs=None):
+def run_benchmark(args, backend, interpret, bs, deadline, log, rbs=None, fbs=None):
     B, H, Hkv, D = 1, args.heads, args.kv_heads, args.head_dim
-    fns = methods(args, backend, interpret, bs, rbs)
+    fns = methods(args, backend, interpret, bs, rbs, fbs)
     results = []
     dense_dead = {"xla_dense": False, "cudnn_dense": False}
     for T in args.lens:
@@ -177,7 +225,7 @@ def run_benchmark(args, backend, interpret, bs, deadline, log, rbs=None):
                 ent = entries_of(name, T, args)
                 flops = 4 * B * H * D * ent
                 row[name] = {"seconds": t, "entries": ent, "tflops": flops / t / 1e12}
-                if name == "ours_delta":
+                if name in ("ours_delta", "ours_taylor"):
                     mem = fn.lower(q, k, v).compile().memory_analysis()
                     if mem is not None:
                         row[name]["temp_bytes"] = int(mem.temp_size_in_bytes)
@@ -189,7 +237,7 @@ def run_benchmark(args, backend, interpret, bs, deadline, log, rbs=None):
                 log(f"  {name} T={T}: {msg}")
         for base in ("cudnn_dense", "cudnn_window"):
             bt = row.get(base, {}).get("seconds")
-            for name in ("ours_window", "ours_rows", "ours_delta"):
+            for name in ("ours_window", "ours_rows", "ours_delta", "ours_taylor"):
                 t = row.get(name, {}).get("seconds")
                 if bt and t:
                     row[name][f"speedup_vs_{base}"] = bt / t
@@ -200,13 +248,17 @@ def run_benchmark(args, backend, interpret, bs, deadline, log, rbs=None):
     return results
 
 
-WINDOW_VARIANTS = [  # (block_q, block_k, num_warps, num_stages, fold_heads)
-    (128, 64, 8, 3, False), (128, 64, 8, 3, True), (128, 64, 4, 3, True), (128, 128, 8, 3, True),
-    (64, 64, 4, 3, True), (128, 64, 8, 4, True), (64, 64, 4, 3, False), (128, 64, 8, 2, True),
-    (64, 128, 4, 3, True), (128, 32, 4, 3, True)]
+WINDOW_VARIANTS = [  # (block_q, block_k, num_warps, num_stages, fold_heads[, one_loop])
+    (64, 64, 4, 3, True), (64, 64, 4, 3, True, True), (128, 64, 8, 3, True), (128, 64, 8, 3, True, True),
+    (128, 64, 8, 3, False), (128, 64, 8, 3, False, True), (128, 128, 8, 3, True, True), (64, 64, 4, 4, True, True),
+    (128, 64, 4, 3, True), (128, 128, 8, 3, True), (128, 64, 8, 4, True), (64, 64, 4, 3, False),
+    (128, 64, 8, 2, True), (64, 128, 4, 3, True), (128, 32, 4, 3, True)]
 ROWS_VARIANTS = [  # (block_rows, block_k, num_warps, num_stages)
     (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
     (128, 128, 8, 2), (64, 128, 4, 3), (128, 128, 4, 3), (128, 32, 4, 4)]
+FAR_VARIANTS = [  # (block_rows, block_k, num_warps, num_stages) of the taylor far-statistics kernel
+    (64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2),
+    (32, 64, 4, 3)]
 
 
 def _timed(fn, q, k, v, reps):
@@ -215,16 +267,21 @@ def _timed(fn, q, k, v, reps):
 
 
 def run_tune(args, backend, interpret, deadline, log):
-    """Times tile variants of the window (at args.lens[0]) and exact-rows (at args.lens[-1])
-    kernels; each output is compared with the first variant's. Returns records and the best
+    """Times tile variants of the window (at args.lens[0]), exact-rows and taylor far-statistics
+    (at args.lens[-1]) kernels; each output is compared with the first variant's. Variants that do
+    not fit shared memory (`sp.shared_memory_bytes`) are skipped. Returns records and the best
     BlockSizes of each kernel."""
     w, s, g, D = args.window, args.sinks, args.gamma, args.head_dim
     out, best = [], {}
-    for kind, T, variants in (("window", args.lens[0], WINDOW_VARIANTS), ("rows", args.lens[-1], ROWS_VARIANTS)):
+    kernels = (("window", args.lens[0], WINDOW_VARIANTS), ("rows", args.lens[-1], ROWS_VARIANTS),
+               ("far", args.lens[-1], FAR_VARIANTS))
+    for kind, T, variants in (x for x in kernels if x[0] in args.tune_kernels.split(",")):
         q, k, v = make_inputs(T, 1, args.heads, args.kv_heads, D, jnp.bfloat16)
         rows = sp.delta_rows(T, g, g)
         base_name = "cudnn_window" if kind == "window" else "cudnn_dense"
         win = (w - 1, 0) if kind == "window" else None
+        if kind == "far":  # the anchors' far keys: about the work of the strided exact rows
+            rows = sp.delta_rows(T, g, 0)
         try:
             base_s = time_fn(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, is_causal=True, implementation="cudnn", local_window_size=win)), q, k, v,
@@ -240,16 +297,28 @@ def run_tune(args, backend, interpret, deadline, log):
             if time.time() > deadline:
                 break
             if kind == "window":
-                bq, bk, nw, ns, fold = var
-                bs = sp.BlockSizes(block_q=bq, block_k=bk, num_warps=nw, num_stages=ns, fold_heads=fold)
+                bq, bk, nw, ns, fold, one_loop = var + (False,) * (6 - len(var))
+                bs = sp.BlockSizes(block_q=bq, block_k=bk, num_warps=nw, num_stages=ns, fold_heads=fold,
+                                   one_loop=one_loop)
                 f = jax.jit(lambda q, k, v, bs=bs: sp.sparse_attention(
                     q, k, v, window=w, sinks=s, backend=backend, interpret=interpret, block_sizes=bs))
-            else:
+            elif kind == "rows":
                 br, bk, nw, ns = var
                 bs = sp.BlockSizes(block_k=bk, block_rows=br, num_warps=nw, num_stages=ns)
                 f = jax.jit(lambda q, k, v, bs=bs: sp.exact_rows_attention(
                     q, k, v, rows, backend=backend, interpret=interpret, block_sizes=bs))
+            else:
+                br, bk, nw, ns = var
+                bs = sp.BlockSizes(block_k=bk, block_rows=br, num_warps=nw, num_stages=ns)
+                f = jax.jit(lambda q, k, v, bs=bs: sp.far_statistics(
+                    q, k, v, window=w, sinks=s, gamma=g, backend=backend, interpret=interpret, block_sizes=bs)[1])
             rec = {"kernel": kind, "T": T, "block_sizes": dataclasses.asdict(bs), f"{base_name}_s": base_s}
+            tile_kind = "sparse" if kind == "window" else kind
+            if sp.shared_memory_bytes(tile_kind, bs, D, jnp.bfloat16) > sp.SHARED_MEMORY:
+                rec["skipped"] = "does not fit shared memory"
+                out.append(rec)
+                log(f"  {kind} {var}: skipped, does not fit shared memory")
+                continue
             try:
                 t, o = _timed(f, q, k, v, reps=5)
                 first = o if first is None else first
@@ -270,10 +339,39 @@ def run_tune(args, backend, interpret, deadline, log):
         {kind: b[0] for kind, b in best.items()}
 
 
+CHECK_TOLERANCE = {"bfloat16": 2e-2, "float32": 1e-4}
+
+
+def run_check(args, backend, interpret, tiles, info, log, path):
+    """Every kernel against its dense-mask reference in bfloat16 and float32, with the default tiles
+    of each dtype (the smoke tiles off the GPU). Writes JSON; exits 1 if a check fails."""
+    info["check"] = {}
+    failed = []
+    for dtype in (jnp.bfloat16, jnp.float32):
+        name = jnp.dtype(dtype).name
+        if backend == "gpu":
+            tiles = tuple(sp.default_block_sizes(backend, args.head_dim, kind, dtype) for kind in ("sparse", "rows", "far"))
+        res = spot_check(args, backend, interpret, *tiles, dtype=dtype)
+        info["check"][name] = {"tiles": [dataclasses.asdict(t) for t in tiles], "rel_err": res}
+        for check, err in res.items():
+            ok = isinstance(err, float) and err < CHECK_TOLERANCE[name]
+            failed += [] if ok else [f"{name} {check}: {err}"]
+        log(f"{name} (rel. error vs reference, T={args.check_len}, tolerance {CHECK_TOLERANCE[name]}): "
+            + json.dumps(res, indent=1))
+    info["failed"] = failed
+    with open(path, "w") as f:
+        json.dump(info, f, indent=1)
+    log("check: " + ("all passed" if not failed else "FAILED " + "; ".join(failed)))
+    if failed:
+        sys.exit(1)
+    return info
+
+
 def print_table(results, ceiling):
-    cols = ["xla_dense", "cudnn_dense", "cudnn_window", "ours_window", "ours_rows", "ours_delta"]
+    cols = ["xla_dense", "cudnn_dense", "cudnn_window", "ours_window", "ours_rows", "ours_delta", "ours_taylor"]
     print(f"\nbf16 matmul ceiling {ceiling / 1e12:.0f} TFLOP/s; times in ms (TFLOP/s on computed scores)")
-    print(f"{'T':>8} " + " ".join(f"{c:>20}" for c in cols) + f" {'delta/cudnn':>11} {'win/cudnnW':>10}")
+    print(f"{'T':>8} " + " ".join(f"{c:>20}" for c in cols)
+          + f" {'delta/cudnn':>11} {'taylor/cudnn':>12} {'win/cudnnW':>10}")
     for row in results:
         cells = []
         for c in cols:
@@ -285,9 +383,10 @@ def print_table(results, ceiling):
             else:
                 cells.append(f"{('skip' if 'skipped' in r else 'ERR'):>20}")
         sd = row.get("ours_delta", {}).get("speedup_vs_cudnn_dense")
+        st = row.get("ours_taylor", {}).get("speedup_vs_cudnn_dense")
         sw = row.get("ours_window", {}).get("speedup_vs_cudnn_window")
         fmt = lambda x, n: "-" if x is None else f"{x:.{n}f}"
-        print(f"{row['T']:>8} " + " ".join(cells) + f" {fmt(sd, 1):>11} {fmt(sw, 2):>10}")
+        print(f"{row['T']:>8} " + " ".join(cells) + f" {fmt(sd, 1):>11} {fmt(st, 1):>12} {fmt(sw, 2):>10}")
 
 
 def plot(results, path):
@@ -295,7 +394,7 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 5))
-    for name in ["xla_dense", "cudnn_dense", "cudnn_window", "ours_window", "ours_rows", "ours_delta"]:
+    for name in ["xla_dense", "cudnn_dense", "cudnn_window", "ours_window", "ours_rows", "ours_delta", "ours_taylor"]:
         pts = [(r["T"], r[name]["seconds"]) for r in results if "seconds" in r.get(name, {})]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=name)
@@ -326,10 +425,13 @@ def main(argv=None):
     p.add_argument("--backend", type=str, default=None)
     p.add_argument("--budget-s", type=float, default=540, help="stop starting new timings after this")
     p.add_argument("--no-check", action="store_true", help="skip the correctness spot check")
+    p.add_argument("--check", action="store_true",
+                   help="only the correctness checks, in bfloat16 and float32 (no timing)")
     p.add_argument("--tune", action="store_true",
                    help="sweep tiles (window kernel at the first of --lens, rows at the last); then, with "
                         "--bench-lens, run the benchmark there with the best tiles")
     p.add_argument("--bench-lens", type=str, default=None)
+    p.add_argument("--tune-kernels", type=str, default="window,rows,far", help="which kernels --tune sweeps")
     p.add_argument("--tune-budget-s", type=float, default=None, help="stop tuning after this")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, interpret mode off GPU")
     p.add_argument("--tag", type=str, default="")
@@ -339,7 +441,7 @@ def main(argv=None):
     deadline = start + args.budget_s
     if args.smoke:
         args.heads, args.kv_heads, args.head_dim = 4, 2, 64
-        args.window, args.sinks, args.gamma, args.check_len = 64, 16, 16, 256
+        args.window, args.sinks, args.gamma, args.check_len = 64, 16, 16, 200
         args.lens = args.lens or "256,512"
         args.xla_max_len = 512
     if args.lens:
@@ -350,10 +452,9 @@ def main(argv=None):
     backend = args.backend or ("gpu" if jax.default_backend() == "gpu" else "xla")
     interpret = args.smoke and jax.default_backend() != backend
     if backend == "gpu" or not args.smoke:
-        bs = sp.default_block_sizes(backend, args.head_dim)
-        rbs = sp.default_block_sizes(backend, args.head_dim, kind="rows")
+        bs, rbs, fbs = (sp.default_block_sizes(backend, args.head_dim, kind) for kind in ("sparse", "rows", "far"))
     else:
-        bs = rbs = sp.BlockSizes(block_q=32, block_k=16, block_rows=32)
+        bs = rbs = fbs = sp.BlockSizes(block_q=32, block_k=16, block_rows=32)
     lines = []
 
     def log(msg):
@@ -373,10 +474,12 @@ def main(argv=None):
     log(f"bf16 matmul ceiling: {ceiling / 1e12:.1f} TFLOP/s")
     os.makedirs(args.out, exist_ok=True)
     stem = "prefill_attention" + (f"_{args.tag}" if args.tag else "")
+    if args.check:
+        return run_check(args, backend, interpret, (bs, rbs, fbs), info, log, os.path.join(args.out, stem + "_check.json"))
     if args.tune:
         tune_deadline = start + (args.tune_budget_s or args.budget_s)
         info["tune"], info["tuned"], best = run_tune(args, backend, interpret, tune_deadline, log)
-        bs, rbs = best.get("window", bs), best.get("rows", rbs)
+        bs, rbs, fbs = best.get("window", bs), best.get("rows", rbs), best.get("far", fbs)
         log(f"tuned: {json.dumps(info['tuned'])}")
         with open(os.path.join(args.out, stem + "_tune.json"), "w") as f:
             json.dump(info, f, indent=1)
@@ -385,9 +488,10 @@ def main(argv=None):
         args.lens = [int(x) for x in args.bench_lens.split(",")]
     info["block_sizes"] = dataclasses.asdict(bs)
     info["rows_block_sizes"] = dataclasses.asdict(rbs)
-    info["check"] = spot_check(args, backend, interpret, bs, rbs) if not args.no_check else {}
+    info["far_block_sizes"] = dataclasses.asdict(fbs)
+    info["check"] = spot_check(args, backend, interpret, bs, rbs, fbs) if not args.no_check else {}
     log(f"spot check (rel. error vs reference, T={args.check_len}): {json.dumps(info['check'], indent=1)}")
-    info["results"] = run_benchmark(args, backend, interpret, bs, deadline, log, rbs)
+    info["results"] = run_benchmark(args, backend, interpret, bs, deadline, log, rbs, fbs)
     info["elapsed_s"] = time.time() - start
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(info, f, indent=1)

@@ -31,34 +31,17 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
 
 
 def dense_prefill(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Exact causal attention: cuDNN for bf16 on the GPU, the Pallas flash kernel (window >= T) for
-    float32 on GPU/TPU, XLA on the CPU."""
-    backend = jax.default_backend()
-    if backend == "gpu" and q.dtype != jnp.float32:
+    """Exact causal attention: cuDNN for bf16 on the GPU, else the sparse-prefill kernels with a
+    window covering the prompt (the Pallas flash kernel on GPU/TPU, its blockwise XLA twin on the
+    CPU, whose scores are never larger than a query tile by a key block)."""
+    if jax.default_backend() == "gpu" and q.dtype != jnp.float32:
         try:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
         except Exception:  # shapes cuDNN does not take: the Pallas kernel below
             pass
-    if backend in ("gpu", "tpu"):
-        from delta_jax.delta import KERNEL_BACKEND
-        from pallas_kernels import sparse_prefill as pk
-        return pk.sparse_attention(q, k, v, window=q.shape[1], sinks=0, backend=KERNEL_BACKEND)
-    return _xla_causal(q, k, v)
-
-
-def _xla_causal(q, k, v):
-    b, t, h, d = q.shape
-    kvh = k.shape[2]
-    qg = q.reshape(b, t, kvh, h // kvh, d)
-    prec = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=prec,
-                   preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
-    mask = jnp.tril(jnp.ones((t, t), bool))
-    s = jnp.where(mask, s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype) if v.dtype != jnp.float32 else p, v,
-                   precision=prec, preferred_element_type=jnp.float32)
-    return o.reshape(b, t, h, d).astype(q.dtype)
+    from delta_jax.delta import KERNEL_BACKEND
+    from pallas_kernels import sparse_prefill as pk
+    return pk.sparse_attention(q, k, v, window=q.shape[1], sinks=0, backend=KERNEL_BACKEND)
 
 
 # ------------------------------------------------------------------------------------------ cache

@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any, Optional
 
+from pallas_kernels.sparse_prefill.correction import VARIANTS, tail_rows
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -122,7 +124,7 @@ class ModelConfig:
             return cls.from_hf(json.load(f))
 
 
-PREFILL_VARIANTS = ("published", "nd", "mix", "gated", "shrink", "fitted", "taylor")
+PREFILL_VARIANTS = VARIANTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +141,7 @@ class PrefillConfig:
     zero, fitted on how well each sampled row's delta predicts the next one's), "fitted" (per-head,
     per-lag least-squares weight of the sampled row's delta, fitted on the contiguous exact tail), "taylor"
     (each row's far attention from first-order bounds of the far log-partition at three sampled queries,
-    see `delta_jax.delta._taylor`). `topk` key blocks per query block for `base="topk_blocks"`.
+    see `pallas_kernels.sparse_prefill.correction`). `topk` key blocks per query block for `base="topk_blocks"`.
     `dense_layers`: the first layers run dense attention (the HiP-style exact first layers).
     """
 
@@ -183,11 +185,7 @@ class PrefillConfig:
         """Number of exact tail rows for a prompt of `length` tokens."""
         if self.method == "dense":
             return length
-        if self.tail is not None:
-            return min(self.tail, length)
-        if self.gamma is None:
-            return 0
-        return min(length, length % self.gamma + max(128, self.gamma))
+        return tail_rows(length, self.gamma, self.tail)
 
 
 DECODE_VARIANTS = ("published", "sum", "per_layer")

@@ -9,6 +9,7 @@ from delta_jax import delta
 from delta_jax.config import ConfigError, ModelConfig, PrefillConfig
 from delta_jax.engine import Engine
 from pallas_kernels import sparse_prefill as pk
+from pallas_kernels.sparse_prefill import reference
 
 CFG = ModelConfig(model_type="llama", vocab_size=200, hidden_size=64, intermediate_size=128, num_layers=3,
                   num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=1024)
@@ -38,16 +39,15 @@ def test_window_covering_the_prompt_gives_dense_logits(engine, variant):
     assert np.max(np.abs(ours - dense)) <= 1e-5
 
 
-def test_published_delta_equals_the_kernel_level_delta_attention():
+def test_published_delta_equals_the_row_by_row_reference():
     q, k, v = _qkv()
     lengths = jnp.asarray([150, 150], jnp.int32)
-    m = PrefillConfig(method="delta", window=24, sinks=4, gamma=16, tail=20)
-    ours = delta.sparse_prefill(q, k, v, lengths, m)
-    ref = pk.delta_attention(q, k, v, window=24, sinks=4, gamma=16, tail=20, backend="xla")
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
-    m = PrefillConfig(method="delta", window=24, sinks=4, gamma=16, tail=20, smooth=True)
-    ref = pk.delta_attention(q, k, v, window=24, sinks=4, gamma=16, tail=20, smooth=True, backend="xla")
-    np.testing.assert_allclose(np.asarray(delta.sparse_prefill(q, k, v, lengths, m)), np.asarray(ref), atol=1e-5)
+    for smooth in (False, True):
+        m = PrefillConfig(method="delta", window=24, sinks=4, gamma=16, tail=20, smooth=smooth)
+        ours = delta.sparse_prefill(q, k, v, lengths, m)
+        with jax.default_matmul_precision("highest"):
+            want = reference.delta_attention_reference(q, k, v, window=24, sinks=4, gamma=16, tail=20, smooth=smooth)
+        np.testing.assert_allclose(np.asarray(ours), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["published", "nd", "mix", "gated", "shrink", "fitted", "taylor"])
@@ -108,7 +108,7 @@ def test_recompute_and_sparse_only_modes():
 def test_default_tail_is_the_authors():
     m = PrefillConfig(method="delta", gamma=64)
     assert m.tail_rows(1000) == 1000 % 64 + 128
-    tail, bound = delta.tail_lengths(jnp.asarray([1000, 100]), m, 1024)
+    tail, bound = pk.tail_rows(jnp.asarray([1000, 100]), 64), pk.max_tail_rows(1024, 64)
     assert tail.tolist() == [1000 % 64 + 128, 100] and bound == 63 + 128
 
 

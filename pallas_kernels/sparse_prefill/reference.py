@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .correction import tail_rows
+
 
 def _widen(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -88,11 +90,11 @@ def delta_attention_reference(q, k, v, *, window, sinks, gamma, tail=None, smoot
                               lengths=None, sparse_fn=None):
     """Delta Attention written row by row from the definition (ALGORITHMS.md section 1).
 
-    `sparse_fn(q, k, v)` gives the sparse base [B, T, H, D] (default: window + sinks).
+    `sparse_fn(q, k, v)` gives the sparse base [B, T, H, D] (default: window + sinks); the tail is
+    `tail_rows(L_b, gamma, tail)` rows per sequence.
     Rows at or past `lengths[b]` are left at the sparse value. Returns a NumPy array.
     """
     B, T = q.shape[:2]
-    tail = gamma if tail is None else tail
     if sparse_fn is None:
         sparse = sparse_attention_reference(q, k, v, window=window, sinks=sinks)
     else:
@@ -103,7 +105,7 @@ def delta_attention_reference(q, k, v, *, window, sinks, gamma, tail=None, smoot
     out = []
     for b in range(B):
         L = int(lengths[b])
-        start_tail = max(L - tail, 0)
+        start_tail = L - tail_rows(L, gamma, tail)
         rows = []
         for t in range(T):
             if t >= L:
@@ -122,3 +124,61 @@ def delta_attention_reference(q, k, v, *, window, sinks, gamma, tail=None, smoot
                 rows.append(sparse[b, t] + d)
         out.append(np.stack(rows))
     return np.stack(out)
+
+
+def _softmax_lse(sc):
+    """Softmax along the last axis and its log-partition; a row with no finite score gives p = 0, lse = -inf."""
+    mx = jnp.max(sc, -1, keepdims=True)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    p = jnp.exp(sc - mx)
+    z = jnp.sum(p, -1, keepdims=True)
+    lse = jnp.where(z[..., 0] > 0, mx[..., 0] + jnp.log(jnp.where(z[..., 0] > 0, z[..., 0], 1.0)), -jnp.inf)
+    return p / jnp.where(z > 0, z, 1.0), lse
+
+
+@functools.partial(jax.jit, static_argnames=("window", "sinks", "gamma"))
+def taylor_reference(q, k, v, *, window, sinks, gamma, lengths=None):
+    """The `taylor` variant (ours) for every row, from dense masks. Row t in the block of sampled
+    row r = t - t % gamma splits its keys in three: its window and sinks (the sparse base), the band
+    `[r - window + 1, t - window]` (attended exactly) and the far keys `[sinks, r - window]`. For the
+    far keys each anchor query q_a (a in r - gamma, r, r + gamma; the first clipped to row 0, the last
+    to the sequence's last sampled row) gives their exact log-partition lse_a, mean key mu_a and mean
+    value F_a; the tightest tangent bound `lse_a + (q_t - q_a) . mu_a / sqrt(D)` gives the far weight
+    and its anchor's F_a the far output, merged with the other two parts by their partitions.
+    lengths int [B] or None. Returns [B, T, H, D] in the wide dtype (no exact tail)."""
+    q, k, v = _widen(q), _widen(k), _widen(v)
+    B, T, H, D = q.shape
+    kvh, grp = k.shape[2], H // k.shape[2]
+    hi = jax.lax.Precision.HIGHEST
+    scale = 1.0 / np.sqrt(D)
+    n = -(-T // gamma)
+    L = jnp.full((B,), T) if lengths is None else jnp.asarray(lengths)
+    sparse, lse = sparse_attention_reference(q, k, v, window=window, sinks=sinks, return_lse=True)
+    r = jnp.arange(n) * gamma
+    last = ((L - 1) // gamma) * gamma                                                  # [B]
+    anchors = jnp.stack([jnp.broadcast_to(jnp.maximum(r - gamma, 0), (B, n)), jnp.broadcast_to(r, (B, n)),
+                         jnp.minimum(r[None, :] + gamma, last[:, None])], 1)           # [B, 3, n]
+    qa = jnp.take_along_axis(q, anchors.reshape(B, 3 * n)[:, :, None, None], axis=1)  # [B, 3n, H, D]
+    sc = jnp.einsum("bnkgd,bskd->bnkgs", qa.reshape(B, 3 * n, kvh, grp, D), k, precision=hi) * scale
+    key = jnp.arange(T)
+    far_keys = (key[None, :] >= sinks) & (key[None, :] <= jnp.tile(r - window, 3)[:, None])   # [3n, T]
+    p, lse_a = _softmax_lse(jnp.where(far_keys[None, :, None, None], sc, -jnp.inf))
+    mu = jnp.einsum("bnkgs,bskd->bnkgd", p, k, precision=hi).reshape(B, 3, n, H, D)
+    fv = jnp.einsum("bnkgs,bskd->bnkgd", p, v, precision=hi).reshape(B, 3, n, H, D)
+    lse_a = lse_a.reshape(B, 3, n, H)
+    blk = jnp.arange(T) // gamma
+    qa = qa.reshape(B, 3, n, H, D)
+    bounds = jnp.stack([lse_a[:, i][:, blk] + jnp.sum((q - qa[:, i][:, blk]) * mu[:, i][:, blk], -1) * scale
+                        for i in range(3)])                                             # [3, B, T, H]
+    best = jnp.argmax(jnp.where(jnp.isfinite(bounds), bounds, -1e30), 0)
+    lse_far = jnp.max(bounds, 0)
+    far_out = jnp.take_along_axis(fv[:, :, blk], best[:, None, ..., None], 1)[:, 0]     # [B, T, H, D]
+    # the band: row t attends keys [r - window + 1, t - window] (and >= sinks)
+    t = jnp.arange(T)[:, None]
+    band_keys = (key[None, :] >= (t - t % gamma) - window + 1) & (key[None, :] <= t - window) & (key[None, :] >= sinks)
+    band, lse_band = masked_attention(q, k, v, jnp.broadcast_to(band_keys, (B, T, T)))
+    parts = jnp.stack([jnp.swapaxes(lse, 1, 2), jnp.swapaxes(lse_band, 1, 2), lse_far])   # [3, B, T, H]
+    top = jnp.max(parts, 0)
+    w = jnp.exp(parts - top[None])
+    w = w / jnp.sum(w, 0)[None]
+    return w[0][..., None] * sparse + w[1][..., None] * band + w[2][..., None] * far_out

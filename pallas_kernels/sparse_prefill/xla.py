@@ -1,5 +1,6 @@
-"""Blockwise pure-JAX path: a loop over query tiles, an online softmax over the scheduled key
-blocks of each tile. Memory is O(tile * block_k), never [T, T]."""
+"""Blockwise pure-JAX bodies: query tiles, each with an online softmax over its scheduled key
+blocks (the same `pallas_kernels.softmax` step as the Pallas bodies). Memory is
+O(tiles at once * tile * block_k), never [T, T]."""
 
 from __future__ import annotations
 
@@ -7,10 +8,36 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .schedule import MASK_VALUE, Listed, Ranges, valid_mask
+from pallas_kernels import softmax
+
+from .schedule import Phases, Ranges, phase_bounds, valid_mask
 
 
-def attend(qf, pos, k, v, schedule, *, block_rows, block_k, window, sinks):
+def _tiles(qf, pos, block_rows):
+    B, hkv, N, D = qf.shape
+    nq = N // block_rows
+    return (qf.reshape(B, hkv, nq, block_rows, D).transpose(2, 0, 1, 3, 4),
+            pos.reshape(B, nq, block_rows).transpose(1, 0, 2))
+
+
+def _over_tiles(one, q_tiles, p_tiles, k, v, sched, tiles_at_once):
+    """Runs `one(q, t, k, v, *sched)` (a single (batch, kv head, tile)) over every tile, vmapped over
+    batch and kv heads, `tiles_at_once` tiles per step of a sequential map (None: all at once)."""
+    per_head = jax.vmap(one, in_axes=(0, None, 0, 0) + (0,) * len(sched))
+    per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, 0) + (0,) * len(sched))
+    tile = lambda xs: per_batch(xs[0], xs[1], k, v, *xs[2:])
+    xs = (q_tiles, p_tiles) + tuple(jnp.moveaxis(x, 2, 0) for x in sched)
+    if tiles_at_once is None or tiles_at_once >= q_tiles.shape[0]:
+        return jax.vmap(tile)(xs)
+    return lax.map(tile, xs, batch_size=tiles_at_once)
+
+
+def _key_block(kk, vv, kb, block_k):
+    return (lax.dynamic_slice_in_dim(kk, kb * block_k, block_k),
+            lax.dynamic_slice_in_dim(vv, kb * block_k, block_k))
+
+
+def attend(qf, pos, k, v, schedule, *, block_rows, block_k, window, sinks, gamma=None, tiles_at_once=None):
     """Attention of folded query rows over scheduled key blocks.
 
     qf [B, Hkv, N, D] (N a multiple of block_rows), pos int32 [B, N] (the position of each row),
@@ -18,16 +45,11 @@ def attend(qf, pos, k, v, schedule, *, block_rows, block_k, window, sinks):
     (batch, kv_head, tile). Returns out [B, Hkv, N, D] (qf dtype) and lse float32 [B, Hkv, N].
     """
     B, hkv, N, D = qf.shape
-    nq = N // block_rows
-    scale = D ** -0.5
-    precision = lax.Precision.HIGHEST if qf.dtype == jnp.float32 else lax.Precision.DEFAULT
-    q_tiles = qf.reshape(B, hkv, nq, block_rows, D).transpose(2, 0, 1, 3, 4)
-    p_tiles = pos.reshape(B, nq, block_rows).transpose(1, 0, 2)
+    scale, prec = softmax.scale2(D), softmax.precision(qf.dtype)
     if isinstance(schedule, Ranges):
         sched = (schedule.sink_blocks, schedule.lo, schedule.hi)
     else:
         sched = (schedule.indices, schedule.counts)
-    sched = tuple(jnp.moveaxis(x, 2, 0) for x in sched)
 
     def one(q, t, kk, vv, *s):
         if isinstance(schedule, Ranges):
@@ -39,35 +61,45 @@ def attend(qf, pos, k, v, schedule, *, block_rows, block_k, window, sinks):
             block_at = lambda j: indices[j]
 
         def body(j, carry):
-            m, l, acc = carry
             kb = block_at(j)
-            kt = lax.dynamic_slice_in_dim(kk, kb * block_k, block_k)
-            vt = lax.dynamic_slice_in_dim(vv, kb * block_k, block_k)
-            sc = lax.dot_general(q, kt, (((1,), (1,)), ((), ())), precision=precision,
-                                 preferred_element_type=jnp.float32) * scale
-            keep = valid_mask(t[:, None], kb * block_k + jnp.arange(block_k)[None, :], window, sinks)
-            sc = jnp.where(keep, sc, MASK_VALUE)
-            m_new = jnp.maximum(m, sc.max(-1))
-            p = jnp.where(keep, jnp.exp(sc - m_new[:, None]), 0.0)
-            corr = jnp.exp(m - m_new)
-            l = l * corr + p.sum(-1)
-            acc = acc * corr[:, None] + lax.dot_general(
-                p.astype(vt.dtype), vt, (((1,), (0,)), ((), ())), precision=precision,
-                preferred_element_type=jnp.float32)
-            return m_new, l, acc
+            kt, vt = _key_block(kk, vv, kb, block_k)
+            keep = valid_mask(t[:, None], kb * block_k + jnp.arange(block_k)[None, :], window, sinks, gamma)
+            return softmax.update(carry, softmax.logits(q, kt, scale, prec), keep, (vt,), prec)
 
-        init = (jnp.full((block_rows,), MASK_VALUE, jnp.float32),
-                jnp.zeros((block_rows,), jnp.float32),
-                jnp.zeros((block_rows, D), jnp.float32))
-        m, l, acc = lax.fori_loop(0, count, body, init)
-        empty = l == 0
-        out = acc / jnp.where(empty, 1.0, l)[:, None]
-        lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
-        return out.astype(qf.dtype), lse
+        (out,), lse2 = softmax.finish(lax.fori_loop(0, count, body, softmax.init(block_rows, (D,))))
+        return out.astype(qf.dtype), lse2 * softmax.LN2
 
-    per_head = jax.vmap(one, in_axes=(0, None, 0, 0) + (0,) * len(sched))
-    per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, 0) + (0,) * len(sched))
-    out, lse = jax.vmap(per_batch, in_axes=(0, 0, None, None) + (0,) * len(sched))(q_tiles, p_tiles, k, v, *sched)
-    out = out.transpose(1, 2, 0, 3, 4).reshape(B, hkv, N, D)
-    lse = lse.transpose(1, 2, 0, 3).reshape(B, hkv, N)
-    return out, lse
+    out, lse = _over_tiles(one, *_tiles(qf, pos, block_rows), k, v, sched, tiles_at_once)
+    return out.transpose(1, 2, 0, 3, 4).reshape(B, hkv, N, D), lse.transpose(1, 2, 0, 3).reshape(B, hkv, N)
+
+
+def far_phases(qf, pos, k, v, schedule: Phases, *, block_rows, block_k, cuts, sinks, seq_len,
+               tiles_at_once=None):
+    """Per phase (`schedule.phase_bounds`), the softmax statistics of each row over its phase's keys,
+    cumulative over the phases: mean key, mean value (float32 [P, B, Hkv, N, D]) and lse
+    (float32 [P, B, Hkv, N]). Same arguments as `attend`."""
+    B, hkv, N, D = qf.shape
+    scale, prec = softmax.scale2(D), softmax.precision(qf.dtype)
+    P = len(cuts)
+
+    def one(q, t, kk, vv, lo, hi):
+        carry = softmax.init(block_rows, (D, D))
+        snaps = []
+        for p in range(P):
+            lower, upper = phase_bounds(t[:, None], p, cuts, sinks, seq_len)
+
+            def body(kb, carry, lower=lower, upper=upper):
+                kt, vt = _key_block(kk, vv, kb, block_k)
+                s = kb * block_k + jnp.arange(block_k)[None, :]
+                return softmax.update(carry, softmax.logits(q, kt, scale, prec), (s > lower) & (s <= upper),
+                                      (kt, vt), prec)
+
+            carry = lax.fori_loop(lo[p], hi[p], body, carry)
+            (mk, mv), lse2 = softmax.finish(carry)
+            snaps.append((mk, mv, lse2 * softmax.LN2))
+        return tuple(jnp.stack(x) for x in zip(*snaps))
+
+    mk, mv, lse = _over_tiles(one, *_tiles(qf, pos, block_rows), k, v, (schedule.lo, schedule.hi), tiles_at_once)
+    # [nq, B, Hkv, P, rows, ...] -> [P, B, Hkv, N, ...]
+    mk, mv = (x.transpose(3, 1, 2, 0, 4, 5).reshape(P, B, hkv, N, D) for x in (mk, mv))
+    return mk, mv, lse.transpose(3, 1, 2, 0, 4).reshape(P, B, hkv, N)

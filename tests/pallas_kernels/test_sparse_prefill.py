@@ -83,12 +83,23 @@ def test_sparse_attention_and_lse(backend):
         assert rel_err(lse, want_lse) < 1e-5
 
 
+def test_gpu_window_kernel_in_one_loop():
+    # sinks, band edges and interior walked by one loop with every block masked, heads folded or not
+    q, k, v = _inputs(13, 2, 150, 8, 2)
+    want, want_lse = ref64(ref.sparse_attention_reference, q, k, v, window=37, sinks=20, return_lse=True)
+    for fold in (False, True):
+        bs = sp.BlockSizes(block_q=32, block_k=16, fold_heads=fold, one_loop=True)
+        out, lse = sp.sparse_attention(q, k, v, window=37, sinks=20, return_lse=True, backend="gpu",
+                                       interpret=True, block_sizes=bs)
+        assert rel_err(out, want) < 1e-5 and rel_err(lse, want_lse) < 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_window_covering_all_and_gamma_one_give_dense(backend):
     q, k, v = _inputs(2, 1, 100, 4, 4)
     dense = ref64(ref.sparse_attention_reference, q, k, v, window=None, sinks=0)
     assert rel_err(sp.sparse_attention(q, k, v, window=100, sinks=0, **_kw(backend)), dense) < 1e-5
-    out = sp.delta_attention(q, k, v, window=8, sinks=4, gamma=1, **_kw(backend))
+    out = sp.delta_attention(q, k, v, window=8, sinks=4, gamma=1, tail=1, **_kw(backend))
     assert rel_err(out, dense) < 1e-5
     # the sparse base alone is far from dense here, so the comparison above can fail
     assert rel_err(sp.sparse_attention(q, k, v, window=8, sinks=4, **_kw(backend)), dense) > 1e-2
@@ -124,7 +135,7 @@ def test_delta_lengths_smooth_equal_each_sequence_alone(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_delta_window_base_no_smooth_head_dim_128(backend):
     q, k, v = _inputs(5, 1, 120, 4, 1, D=128)
-    kw = dict(window=20, sinks=16, gamma=16)
+    kw = dict(window=20, sinks=16, gamma=16, tail=16)
     out = sp.delta_attention(q, k, v, **kw, **_kw(backend))
     want = ref64(ref.delta_attention_reference, q, k, v, **kw)
     assert rel_err(out, want) < 1e-5
