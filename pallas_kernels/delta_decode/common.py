@@ -1,28 +1,15 @@
 """Constants and the small XLA pieces shared by every backend of the DELTA decode kernels.
 
-Kernels work in base 2: scaled logits are `s2 = (q . k) / sqrt(head_dim) * log2(e)`, so that
-`p = exp2(s2 - lse2)` with `lse2` the base-2 log-sum-exp of a query head over its valid tokens.
+Kernels work in base 2 with the online softmax of `pallas_kernels.softmax`: scaled logits are
+`s2 = (q . k) / sqrt(head_dim) * log2(e)`, so that `p = exp2(s2 - lse2)` with `lse2` the base-2
+log-sum-exp of a query head over its valid tokens.
 """
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
-LOG2E = math.log2(math.e)
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-
-
-def precision(dtype):
-    """float32 inputs get exact float32 dots (no tf32); others the default."""
-    return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
-
-
-def scale2(head_dim: int) -> float:
-    return LOG2E / math.sqrt(head_dim)
+from pallas_kernels.softmax import MASK_VALUE, precision, scale2  # noqa: F401 (the kernels' one home)
 
 
 def combine(o, m2, l):

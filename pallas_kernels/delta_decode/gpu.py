@@ -28,10 +28,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .common import MASK_VALUE, combine, precision, scale2 as _scale2
+from pallas_kernels import softmax
 
-_NT = (((1,), (1,)), ((), ()))
-_NN = (((1,), (0,)), ((), ()))
+from .common import combine, precision, scale2 as _scale2
+
 
 
 SMEM_BYTES = 224 * 1024  # Hopper: 227 KiB of shared memory per block
@@ -59,25 +59,16 @@ def combine_smem_bytes(num_splits: int, group: int, head_dim: int) -> int:
 
 def _update(q, k, v, keep, carry, scale2, prec):
     """One online-softmax step; returns the new carry and the scaled logits."""
-    m, l, acc = carry
-    s = lax.dot_general(q, k, _NT, precision=prec, preferred_element_type=jnp.float32) * scale2
-    sm = jnp.where(keep, s, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(sm, axis=1))
-    p = jnp.where(keep, jnp.exp2(sm - m_new[:, None]), 0.0)
-    corr = jnp.exp2(m - m_new)
-    l = l * corr + jnp.sum(p, axis=1)
-    acc = acc * corr[:, None] + lax.dot_general(p.astype(v.dtype), v, _NN, precision=prec,
-                                                preferred_element_type=jnp.float32)
-    return (m_new, l, acc), s
+    s = softmax.logits(q, k, scale2, prec)
+    return softmax.update(carry, s, keep, (v,), prec), s
 
 
 def _init(gp, d):
-    return (jnp.full((gp,), MASK_VALUE, jnp.float32), jnp.zeros((gp,), jnp.float32),
-            jnp.zeros((gp, d), jnp.float32))
+    return softmax.init(gp, (d,))
 
 
 def _store_partials(o_ref, m_ref, l_ref, carry):
-    m, l, acc = carry
+    m, l, (acc,) = carry
     o_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l

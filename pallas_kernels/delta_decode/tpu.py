@@ -25,10 +25,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .common import MASK_VALUE, precision, scale2 as _scale2
+from pallas_kernels import softmax
 
-_NT = (((1,), (1,)), ((), ()))
-_NN = (((1,), (0,)), ((), ()))
+from .common import precision, scale2 as _scale2
+
 
 
 def _interpret(interpret):
@@ -36,23 +36,16 @@ def _interpret(interpret):
 
 
 def _step(q, k, v, keep, m_scr, l_scr, acc_scr, scale2, prec):
-    s = lax.dot_general(q, k, _NT, precision=prec, preferred_element_type=jnp.float32) * scale2
-    sm = jnp.where(keep, s, MASK_VALUE)
-    m_prev = m_scr[...]
-    m_new = jnp.maximum(m_prev, jnp.max(sm, axis=1, keepdims=True))
-    p = jnp.where(keep, jnp.exp2(sm - m_new), 0.0)
-    corr = jnp.exp2(m_prev - m_new)
-    l_scr[...] = l_scr[...] * corr + jnp.sum(p, axis=1, keepdims=True)
-    m_scr[...] = m_new
-    acc_scr[...] = acc_scr[...] * corr + lax.dot_general(
-        p.astype(v.dtype), v, _NN, precision=prec, preferred_element_type=jnp.float32)
+    """One online-softmax step on the scratch state; returns the scaled logits."""
+    s = softmax.logits(q, k, scale2, prec)
+    m, l, (acc,) = softmax.update(softmax.Carry(m_scr[...], l_scr[...], (acc_scr[...],)), s, keep, (v,), prec)
+    m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
     return s
 
 
 def _init(m_scr, l_scr, acc_scr):
-    m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
-    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+    m, l, (acc,) = softmax.init(m_scr.shape[0], (acc_scr.shape[1],), column=True)
+    m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
 
 
 def _finish(o_ref, m_scr, l_scr, acc_scr, lse_ref=None):
