@@ -137,3 +137,16 @@ def test_memory_refusal_names_both_figures():
     e = Engine.from_config(big, dtype="float32", max_seq_len=1 << 24)
     with pytest.raises(ConfigError, match=r"this needs [\d.]+ GiB \(KV cache [\d.]+ GiB.*but [\d.]+ GiB is .*--mesh"):
         e.generate([[1, 2, 3]] * 4, max_new_tokens=(1 << 24) - 8)
+
+
+def test_a_million_tokens_of_llama_8b_on_one_gpu_is_refused():
+    """The check the engine runs before compiling, with Llama-3.1-8B's shapes and an H200's free memory."""
+    from benchmarks.common import llama31_8b
+    from delta_jax import memory
+    cfg = llama31_8b()
+    parts = {"KV cache": memory.kv_bytes_per_token(cfg, jnp.bfloat16) * 1_000_000,
+             "prefill activations": memory.prefill_bytes(cfg, 1, 1_000_000, jnp.bfloat16)}
+    with pytest.raises(ConfigError, match=r"this needs \d+\.\d GiB \(KV cache 122\.1 GiB, prefill activations \d+\.\d GiB\) but 125\.0 GiB is free"):
+        memory.check(parts, free=125 * memory.GiB, hint="shard over more devices with --mesh model=N")
+    half = {k: v // 2 for k, v in parts.items()}  # model=2: both halve
+    memory.check(half, free=125 * memory.GiB, hint="")
