@@ -35,10 +35,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.real_model_eval import G, S, W, Clock, log, pick, run_tasks  # noqa: E402
-from delta_jax import delta as delta_mod  # noqa: E402
+from benchmarks.real_model_eval import G, S, W, log, pick, run_stages, run_tasks  # noqa: E402
 from delta_jax.config import DecodeConfig, PrefillConfig  # noqa: E402
-from delta_jax.engine import Engine  # noqa: E402
 from delta_jax.eval import fidelity, report, runner  # noqa: E402
 from delta_jax.eval.families import FAMILIES  # noqa: E402
 from delta_jax.eval.stats import paired_difference  # noqa: E402
@@ -342,19 +340,7 @@ def main(argv=None):
         raise SystemExit(f"unknown stages, families or pipelines {bad}; stages {sorted(STAGES)}, families "
                          f"{FAMILIES}, pipelines {sorted(PIPELINE)}")
     pick(a.methods)
-    delta_mod.KERNEL_BACKEND = a.kernel_backend
-    clock = Clock(a.deadline)
-    engine = Engine.from_pretrained(a.model, dtype=a.dtype, progress=False)
-    for stage in stages:
-        out = os.path.join(a.out, stage)
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "env.json"), "w") as f:
-            json.dump({**common.environment(), "args": vars(a)}, f, indent=2)
-        t0 = time.time()
-        STAGES[stage](engine, a, out, clock)
-        log(f"stage {stage} done in {time.time() - t0:.0f}s")
-    if clock.skipped:
-        log(f"deadline: skipped {len(clock.skipped)} jobs: {clock.skipped}")
+    run_stages(STAGES, stages, a)
 
 
 if __name__ == "__main__":

@@ -363,6 +363,12 @@ def main(argv=None):
     for names in (a.methods, a.extra, a.sweep_kinds):
         if names:
             pick(names)
+    run_stages(STAGES, stages, a)
+
+
+def run_stages(table: dict, stages: list, a) -> None:
+    """Loads the real model once and runs `table[stage](engine, a, out, clock)` for each stage under the
+    deadline, each writing under `a.out/<stage>/` beside its env.json."""
     delta_mod.KERNEL_BACKEND = a.kernel_backend
     clock = Clock(a.deadline)
     engine = Engine.from_pretrained(a.model, dtype=a.dtype, progress=False)
@@ -372,7 +378,7 @@ def main(argv=None):
         with open(os.path.join(out, "env.json"), "w") as f:
             json.dump({**common.environment(), "args": vars(a)}, f, indent=2)
         t0 = time.time()
-        STAGES[stage](engine, a, out, clock)
+        table[stage](engine, a, out, clock)
         log(f"stage {stage} done in {time.time() - t0:.0f}s")
     if clock.skipped:
         log(f"deadline: skipped {len(clock.skipped)} jobs: {clock.skipped}")

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import os
 import sys
-import time
 from typing import Callable, Optional, Sequence, Union
 
 import jax

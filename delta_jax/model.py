@@ -7,7 +7,6 @@ the KV cache is paged (`delta_jax.cache`): per layer `[kv_heads, pages, page_siz
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from delta_jax import cache, memory, sampling, sharding
+from delta_jax import cache, sampling, sharding
 from delta_jax.cache import CacheSpec, PageAllocator
 from delta_jax.config import ConfigError, DecodeConfig, PrefillConfig
 from delta_jax.steps import Slots, empty_slots

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
