@@ -10,6 +10,7 @@ import sys
 from delta_jax.config import PREFILL_VARIANTS, ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" line: torch is not needed
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -107,6 +107,7 @@ class Scheduler:
         self._cancelled: set[str] = set()
         self._release: list[int] = []
         self._pending = None
+        self._first: list = []  # (request, first token) prefilled this step, streamed after the dispatch
         self._eos = set(engine.eos_ids)
         self.reset_metrics()
 
@@ -155,6 +156,7 @@ class Scheduler:
         self._admit()
         dispatched = self._dispatch()
         previous, self._pending = self._pending, dispatched
+        self._emit_first()
         if previous is not None:
             self._collect(*previous)
 
@@ -243,28 +245,42 @@ class Scheduler:
         first, self.pages = steps.prefill(self.prefill_method, self.engine.state, self.pages, *map(jnp.asarray, (
             tokens, lengths, table, row_shard, seeds, temperature, top_p)))
         first = np.asarray(first)
-        now = time.perf_counter()
-        seconds = now - t0 - steps.last_compile_seconds
+        seconds = time.perf_counter() - t0 - steps.last_compile_seconds
         self.stats["prefill_tokens"] += int(lengths[:len(group)].sum())
         n = len(group)
         active = np.zeros(n, bool)
         for i, r in enumerate(group):
-            r.prefill_seconds, r.first_token_time = seconds, now
-            r._compile_mark = steps.compile_seconds
-            self.stats["ttft"].append(now - r.arrival)
-            self._emit(r, int(first[i]))
-            active[i] = not r.done
+            r.prefill_seconds = seconds
+            self._first.append((r, int(first[i])))
+            active[i] = int(first[i]) not in self._eos and r.max_tokens > 1
         rows = Slots(page_table=table[:n], tokens=first[:n], positions=lengths[:n], active=active,
                      remaining=np.asarray([r.max_tokens - 1 for r in group], np.int32),
                      counts=np.ones(n, np.int32), seeds=seeds[:n], temperature=temperature[:n], top_p=top_p[:n])
         index = np.asarray([r._slot for r in group], np.int32)
         self.slots = steps.insert(self.slots, jnp.asarray(index), Slots(*map(jnp.asarray, rows)))
 
+    def _emit_first(self) -> None:
+        """Streams the first token of each request prefilled in this step (after the next chunk is on its way)."""
+        now = time.perf_counter()
+        for r, token in self._first:
+            r.first_token_time = now
+            r._compile_mark = self.engine.steps.compile_seconds
+            self.stats["ttft"].append(now - r.arrival)
+            self._emit(r, token)
+        self._first = []
+
     def _dispatch(self):
         inflight = self.chunk if self._pending is not None else 0
+        first = {id(r): token for r, token in self._first}  # prefilled this step: not in the chunk in flight
+
+        def needs(r):
+            if id(r) in first:
+                return first[id(r)] not in self._eos and r.max_tokens > 1
+            return len(r.tokens) + inflight < r.max_tokens
+
         live = [r for r in self.running if r is not None and not r.done]
-        if not any(len(r.tokens) + inflight < r.max_tokens for r in live):
-            return None  # the chunk in flight finishes every live request (by length)
+        if not any(needs(r) for r in live):
+            return None  # the chunk in flight (or the prefill) finishes every live request
         how = sampling.mode([r.temperature for r in live], [r.top_p for r in live])
         self.pages, self.slots, out = self.engine.steps.decode(self.decode_method, self.chunk, self.engine.state,
                                                               self.pages, self.slots, how)
