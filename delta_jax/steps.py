@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,7 @@ class Steps:
         (`key` names everything `fn` closes over: kind, method, static sizes)."""
         return self._run(key, lambda: jax.jit(fn, **jit_kw), args, what)
 
-    def _run(self, key, make, args, what: str):
+    def _run(self, key, make, args, what: Optional[str]):
         from delta_jax.delta import KERNEL_BACKEND
         key = (*key, KERNEL_BACKEND)  # the kernel path is part of what a compile means
         if key not in self._fns:
@@ -76,13 +76,13 @@ class Steps:
         sig = (key, tuple(self._signature(a) for a in args))
         self.last_compile_seconds = 0.0
         if sig not in self._compiled:
-            _log(f"compiling {what}", self.progress)
+            _log(f"compiling {what}", self.progress and what is not None)
             t0 = time.perf_counter()
             with sharding.use_mesh(self.mesh):
                 self._compiled[sig] = self._fns[key].lower(*args).compile()
             self.last_compile_seconds = time.perf_counter() - t0
             self.compile_seconds += self.last_compile_seconds
-            _log(f"compiled {what} in {self.last_compile_seconds:.1f}s", self.progress)
+            _log(f"compiled {what} in {self.last_compile_seconds:.1f}s", self.progress and what is not None)
         return self._compiled[sig](*args)
 
     def _signature(self, tree):
@@ -139,7 +139,7 @@ class Steps:
             return jax.jit(lambda s, i, r: Slots(*(a.at[i].set(b.astype(a.dtype)) for a, b in zip(s, r))),
                            donate_argnums=(0,), **kw)
 
-        return self._run(("insert", None), make, (slots, index, rows), f"slot insert of {len(index)}")
+        return self._run(("insert", None), make, (slots, index, rows), None)  # tiny: compiled silently
 
     def deactivate(self, slots: Slots, index) -> Slots:
         """Marks the slots `index [n]` inactive (their rows stop writing and attending)."""
@@ -150,7 +150,7 @@ class Steps:
                 kw["out_shardings"] = Slots(*(sharding.slot_sharding(np.ndim(x), self.mesh) for x in slots))
             return jax.jit(lambda s, i: s._replace(active=s.active.at[i].set(False)), donate_argnums=(0,), **kw)
 
-        return self._run(("deactivate", None), make, (slots, index), f"slot release of {len(index)}")
+        return self._run(("deactivate", None), make, (slots, index), None)
 
     # ------------------------------------------------------------------ decode loop
     def decode(self, method: DecodeConfig, steps: int, state, pages, slots: Slots, how: str = "greedy"):
