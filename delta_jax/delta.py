@@ -28,7 +28,7 @@ KERNEL_BACKEND = os.environ.get("DELTA_JAX_KERNEL_BACKEND") or None
 def _head_axis(kv_heads: int, batch: int):
     """The mesh, its head axis name and batch axis name when running per head shard, else None."""
     mesh = sharding.current_mesh()
-    if mesh is None or mesh.shape["model"] == 1 or kv_heads % mesh.shape["model"]:
+    if not sharding.heads_divide(kv_heads, mesh):
         return None
     return mesh, "model", ("data" if batch % mesh.shape["data"] == 0 else None)
 
