@@ -16,7 +16,7 @@ from flax import nnx
 from delta_jax import cache, memory
 from delta_jax.config import ConfigError, DecodeConfig, ModelConfig, PrefillConfig
 from delta_jax.model import Decoder
-from delta_jax.scheduler import Request, Scheduler, prefill_length
+from delta_jax.scheduler import Request, Scheduler, check_prompt, prefill_length
 from delta_jax.steps import Steps
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -179,11 +179,7 @@ class Engine:
                 ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             else:
                 ids = self.tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise ConfigError("empty prompt: nothing to condition on")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary (size {self.config.vocab_size})")
+        check_prompt(ids, self.config.vocab_size)
         return ids
 
     def _batch(self, seqs: list[list[int]]):
@@ -220,19 +216,27 @@ class Engine:
         if max_seq_len > self.max_seq_len:
             raise ConfigError(f"max_seq_len={max_seq_len} exceeds the model's {self.max_seq_len}")
         width = cache.ladder(cache.pages_for(max_seq_len, ps))
-        shards = self.mesh.shape["data"] if self.mesh is not None else 1
-        per_token = memory.kv_bytes_per_token(self.config, self.dtype) // self._model_shards()
+        shards = self._data_shards()
         act = memory.prefill_bytes(self.config, 1, prefill_length(max_seq_len), self.dtype, self._model_shards())
         if num_pages is None:
             free, _ = memory.free_bytes()
-            fit = int((memory.HEADROOM * free / self._sharing() - act) // (per_token * ps) * shards) - shards
+            per_device = int((memory.HEADROOM * free / self._sharing() - act) // self._pool_bytes(shards, ps))
+            fit = per_device * shards - shards  # pages in all, less each shard's trash page
             num_pages = max(shards * 2, min(slots * width + shards, fit + shards))
-        pool = num_pages * ps * per_token // shards
+        pool = self._pool_bytes(num_pages, ps)
         memory.check({"KV cache": pool, "prefill activations": act}, devices_sharing=self._sharing(),
                      hint="lower --max-seq-len, --slots or --kv-pages, or shard over more devices with --mesh model=N")
         tokens = None if prefill_batch is None else prefill_batch * prefill_length(max_seq_len)
         return Scheduler(self, prefill, decode, slots=slots, pages_per_seq=width, num_pages=num_pages, chunk=chunk,
                          max_prefill_tokens=tokens)
+
+    def _data_shards(self) -> int:
+        return self.mesh.shape["data"] if self.mesh is not None else 1
+
+    def _pool_bytes(self, num_pages: int, page_size: int) -> int:
+        """Bytes per device of a pool of `num_pages` pages (split over `data`, heads over `model`)."""
+        per_token = memory.kv_bytes_per_token(self.config, self.dtype) // self._model_shards()
+        return num_pages * page_size * per_token // self._data_shards()
 
     def _sharing(self) -> int:
         """Devices whose memory one check covers: simulated CPU devices share the host's."""
@@ -260,9 +264,7 @@ class Engine:
             raise ConfigError("no prompts given")
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        seqs = [self.encode(p, chat) for p in prompts]
+        seqs = [self.encode(p, chat) for p in prompts]  # sampling parameters: checked by Scheduler.check
         longest = max(len(s) for s in seqs)
         if longest + max_new_tokens > self.max_seq_len:
             raise ConfigError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the cache "
@@ -293,14 +295,13 @@ class Engine:
         prefill, decode = methods_from(prefill, decode, params)
         n = len(prompt_lengths)
         ps = decode.page_size
-        shards = self.mesh.shape["data"] if self.mesh is not None else 1
+        shards = self._data_shards()
         slots = -(-cache.ladder(n) // shards) * shards
         need = [cache.pages_for(length + max_new_tokens, ps) for length in prompt_lengths]
         per_shard = [1 + sum(need[i] for i in range(n) if i // (slots // shards) == d) for d in range(shards)]
         pages = shards * cache.ladder(max(per_shard))
         width = cache.ladder(max(need))
-        per_token = memory.kv_bytes_per_token(self.config, self.dtype) // self._model_shards()
-        pool = pages * ps * per_token // shards
+        pool = self._pool_bytes(pages, ps)
         t = prefill_length(max(prompt_lengths))
         act = lambda b: memory.prefill_bytes(self.config, b, t, self.dtype, self._model_shards())  # noqa: E731
         free, _ = memory.free_bytes()

@@ -105,9 +105,8 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
-        self._release: list[int] = []
         self._pending = None
-        self._first: list = []  # (request, first token) prefilled this step, streamed after the dispatch
+        self._first: list = []  # (request, first token, active) prefilled this step, streamed after the dispatch
         self._eos = set(engine.eos_ids)
         self.reset_metrics()
 
@@ -115,15 +114,11 @@ class Scheduler:
     def check(self, req: Request) -> None:
         """Raises ConfigError when `req` can never run here (one line naming the value)."""
         n, spec = len(req.prompt), self.spec
-        if n == 0:
-            raise ConfigError("empty prompt: nothing to condition on")
+        check_prompt(req.prompt, self.engine.config.vocab_size)
         if req.max_tokens < 1:
             raise ConfigError(f"max_tokens must be >= 1, got {req.max_tokens}")
         if req.temperature < 0 or not 0 < req.top_p <= 1:
             raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {req.temperature}, {req.top_p}")
-        bad = [t for t in req.prompt if not 0 <= t < self.engine.config.vocab_size]
-        if bad:
-            raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary (size {self.engine.config.vocab_size})")
         if n + req.max_tokens > spec.max_tokens:
             raise ConfigError(f"prompt of {n} tokens plus {req.max_tokens} new tokens exceeds the cache length "
                               f"max_seq_len={spec.max_tokens}")
@@ -182,19 +177,18 @@ class Scheduler:
             for req in [r for r in self.waiting if r.id in cancelled]:
                 self.waiting.remove(req)
                 self._finish(req, "abort")
+        release = []
         for slot, req in enumerate(self.running):
             if req is not None and req.id in cancelled and not req.done:
                 self._finish(req, "abort")
             if req is not None and req.done:
-                self._release.append(slot)
-        if not self._release:
+                release.append(slot)
+        if not release:
             return
-        self.slots = self.engine.steps.deactivate(self.slots, jnp.asarray(self._release, jnp.int32))
-        for slot in self._release:
-            req = self.running[slot]
-            self.alloc.free(self.alloc.shard_of(slot), req._pages)
+        self.slots = self.engine.steps.deactivate(self.slots, jnp.asarray(release, jnp.int32))
+        for slot in release:
+            self.alloc.free(self.alloc.shard_of(slot), self.running[slot]._pages)
             self.running[slot] = None
-        self._release = []
 
     def _admit(self) -> None:
         admitted = []
@@ -243,7 +237,7 @@ class Scheduler:
         steps = self.engine.steps
         t0 = time.perf_counter()
         first, self.pages = steps.prefill(self.prefill_method, self.engine.state, self.pages, *map(jnp.asarray, (
-            tokens, lengths, table, row_shard, seeds, temperature, top_p)))
+            tokens, lengths, table, row_shard, seeds, temperature, top_p)), how=sampling.mode(temperature, top_p))
         first = np.asarray(first)
         seconds = time.perf_counter() - t0 - steps.last_compile_seconds
         self.stats["prefill_tokens"] += int(lengths[:len(group)].sum())
@@ -251,8 +245,8 @@ class Scheduler:
         active = np.zeros(n, bool)
         for i, r in enumerate(group):
             r.prefill_seconds = seconds
-            self._first.append((r, int(first[i])))
             active[i] = int(first[i]) not in self._eos and r.max_tokens > 1
+            self._first.append((r, int(first[i]), active[i]))
         rows = Slots(page_table=table[:n], tokens=first[:n], positions=lengths[:n], active=active,
                      remaining=np.asarray([r.max_tokens - 1 for r in group], np.int32),
                      counts=np.ones(n, np.int32), seeds=seeds[:n], temperature=temperature[:n], top_p=top_p[:n])
@@ -262,7 +256,7 @@ class Scheduler:
     def _emit_first(self) -> None:
         """Streams the first token of each request prefilled in this step (after the next chunk is on its way)."""
         now = time.perf_counter()
-        for r, token in self._first:
+        for r, token, _ in self._first:
             r.first_token_time = now
             r._compile_mark = self.engine.steps.compile_seconds
             self.stats["ttft"].append(now - r.arrival)
@@ -271,11 +265,11 @@ class Scheduler:
 
     def _dispatch(self):
         inflight = self.chunk if self._pending is not None else 0
-        first = {id(r): token for r, token in self._first}  # prefilled this step: not in the chunk in flight
+        first = {id(r): active for r, _, active in self._first}  # prefilled this step: not in the chunk in flight
 
         def needs(r):
             if id(r) in first:
-                return first[id(r)] not in self._eos and r.max_tokens > 1
+                return first[id(r)]
             return len(r.tokens) + inflight < r.max_tokens
 
         live = [r for r in self.running if r is not None and not r.done]
@@ -371,6 +365,15 @@ class Scheduler:
             "ttft_p99_seconds": _quantile(ttft, 0.99),
             "tokens_per_second": len(window) / 10.0,
         }
+
+
+def check_prompt(ids, vocab_size: int) -> None:
+    """Raises ConfigError for an empty prompt or token ids outside `[0, vocab_size)`."""
+    if not ids:
+        raise ConfigError("empty prompt: nothing to condition on")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary (size {vocab_size})")
 
 
 def prefill_length(n: int) -> int:

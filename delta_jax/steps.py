@@ -106,10 +106,11 @@ class Steps:
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, method: PrefillConfig, state, pages, tokens, lengths, page_table, row_shard, seeds,
-                temperature, top_p):
+                temperature, top_p, how: str = "greedy"):
         """Runs prompts `tokens [b, T]` and writes their keys and values into `pages` (donated) through
-        `page_table [b, W]`; returns (first sampled token `[b]`, pages)."""
-        graphdef, how = self.graphdef, sampling.mode(temperature, top_p)
+        `page_table [b, W]`; returns (first sampled token `[b]`, pages). `how`: the sampling code
+        (`sampling.mode`)."""
+        graphdef = self.graphdef
 
         def fn(state, pages, tokens, lengths, page_table, row_shard, seeds, temperature, top_p):
             model = nnx.merge(graphdef, state)
