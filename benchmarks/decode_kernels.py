@@ -139,6 +139,7 @@ def _check_case(variant, bs, hq, hkv, D, dtype, pps, budget, recent, backend, in
     out, scores = dd.paged_decode_attention(q, k_pages, v_pages, table, lengths, scores="pages", **kw)
     _, tmax = dd.paged_decode_attention(q, k_pages, v_pages, table, lengths, scores="tokens", **kw)
     idx, valid = dd.select_pages(scores, lengths, page_size=PAGE_SIZE, budget=budget, recent=recent)
+    idx2, valid2 = dd.select_pages(scores, lengths, page_size=PAGE_SIZE, budget=budget, recent=recent, topk_chunk=64)
     sparse = dd.paged_sparse_decode_attention(q, k_pages, v_pages, table, idx, valid, lengths, **kw)
     ref = reference.dense_decode_reference(q, kc, vc, lengths)
     ref_scores = np.asarray(reference.page_scores_reference(q, kc, lengths, PAGE_SIZE))
@@ -149,7 +150,8 @@ def _check_case(variant, bs, hq, hkv, D, dtype, pps, budget, recent, backend, in
                dense_rel_err=max(_rel(out_none, ref), _rel(out, ref)),
                page_scores_max_err=float(np.max(np.abs(np.asarray(scores) - ref_scores)) / np.max(ref_scores)),
                token_max_err=float(np.max(np.abs(np.asarray(tmax) - ref_tmax)) / np.max(ref_tmax)),
-               select_equal=bool(np.array_equal(idx, ridx) and np.array_equal(valid, rvalid)),
+               select_equal=bool(np.array_equal(idx, ridx) and np.array_equal(valid, rvalid)
+                                 and np.array_equal(idx2, ridx) and np.array_equal(valid2, rvalid)),
                sparse_rel_err=_rel(sparse, reference.sparse_decode_reference(q, kc, vc, idx, valid, lengths,
                                                                              PAGE_SIZE)),
                empty_slot_zero=bool(np.all(np.asarray(out_none)[1] == 0) and np.all(np.asarray(sparse)[1] == 0)))
@@ -222,6 +224,8 @@ def bench_shape(ctx, B, hq, hkv, D, dtype, backend, interpret, reps, n_calls, bw
     score_sets = [(jax.random.uniform(jax.random.fold_in(key, 200 + i), (B, pps)), lengths) for i in range(n_calls)]
     sel = lambda sc, ln: dd.select_pages(sc, ln, page_size=PAGE_SIZE, budget=budget, recent=RECENT)
     attempt("select_pages", lambda: add("select_pages", per_call_time(sel, score_sets, reps), 0))
+    one = lambda sc, ln: dd.select_pages(sc, ln, page_size=PAGE_SIZE, budget=budget, recent=RECENT, topk_chunk=0)
+    attempt("select_pages one top_k", lambda: add("select_pages one top_k", per_call_time(one, score_sets, reps), 0))
     selections = [sel(*a) for a in score_sets]
     sparse_bytes = 2 * B * hkv * budget * PAGE_SIZE * D * itemsize
     ssets = [(q, k_pages, v_pages, table, i, v, lengths) for q, (i, v) in zip(qs, selections)]

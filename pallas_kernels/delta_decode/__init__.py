@@ -32,7 +32,7 @@ from pallas_kernels import pick_backend
 
 from . import gpu, tpu, xla
 from .common import page_scores_from_token_maxima, token_maxima
-from .selection import select
+from .selection import TOPK_CHUNK, select
 
 __all__ = [
     "BlockSizes", "default_block_sizes", "paged_decode_attention", "select_pages",
@@ -217,7 +217,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scores: 
                   interpret=interpret)
 
 
-def select_pages(page_scores, lengths, *, page_size: int, budget: int, recent: int):
+def select_pages(page_scores, lengths, *, page_size: int, budget: int, recent: int,
+                 topk_chunk: int = TOPK_CHUNK):
     """DELTA page selection.
 
     page_scores float [B, P], lengths int [B] -> (page_indices int32 [B, budget],
@@ -225,7 +226,8 @@ def select_pages(page_scores, lengths, *, page_size: int, budget: int, recent: i
     valid ones (pages 0 .. ceil(length / page_size) - 1), always including the last `recent` valid
     pages; ties go to the earlier page; the result is in ascending page order. With fewer valid
     pages than `budget` all are taken and the rest is padding: page_valid False, index = the last
-    valid page (0 for an empty slot).
+    valid page (0 for an empty slot). `topk_chunk`: pages per first-stage top-k when there are more
+    (`selection.top_indices`; 0: one top-k over all pages); the result does not depend on it.
     """
     if page_scores.ndim != 2:
         raise ValueError(f"page_scores must have rank 2 [batch, pages], got shape {page_scores.shape}")
@@ -238,10 +240,13 @@ def select_pages(page_scores, lengths, *, page_size: int, budget: int, recent: i
         raise ValueError(f"recent must be >= 0, got {recent}")
     if int(budget) < 1 or int(budget) < int(recent):
         raise ValueError(f"budget={budget} must be >= 1 and >= recent={recent}")
-    return _select(page_scores, lengths, page_size=int(page_size), budget=int(budget), recent=int(recent))
+    if int(topk_chunk) < 0:
+        raise ValueError(f"topk_chunk must be >= 0, got {topk_chunk}")
+    return _select(page_scores, lengths, page_size=int(page_size), budget=int(budget), recent=int(recent),
+                   topk_chunk=int(topk_chunk))
 
 
-_select = jax.jit(select, static_argnames=("page_size", "budget", "recent"))
+_select = jax.jit(select, static_argnames=("page_size", "budget", "recent", "topk_chunk"))
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "bs", "interpret"))

@@ -30,14 +30,34 @@ def finish_selection(chosen, num_valid, num_pages: int):
     return jnp.where(page_valid, ordered, last[:, None]).astype(jnp.int32), page_valid
 
 
-def select(page_scores, lengths, *, page_size: int, budget: int, recent: int):
+TOPK_CHUNK = 1024  # pages per first-stage top-k; 0: one top-k over all pages
+
+
+def top_indices(key, k: int, topk_chunk: int = TOPK_CHUNK):
+    """Indices int32 [B, k] of the k largest entries of key float [B, P] (k <= P), ties to the lower index:
+    those of `lax.top_k`. With P > topk_chunk, two stages: the top k of each chunk of `topk_chunk` entries, then the
+    top k of those candidates (each of the overall top k is among its chunk's top k, and the candidates
+    keep chunk and index order among equal keys), so no sort spans all P entries."""
+    B, P = key.shape
+    chunk = topk_chunk
+    if not chunk or P <= chunk:
+        return lax.top_k(key, k)[1].astype(jnp.int32)
+    n = -(-P // chunk)
+    blocks = jnp.pad(key, ((0, 0), (0, n * chunk - P)), constant_values=-jnp.inf).reshape(B, n, chunk)
+    kc = min(k, chunk)
+    values, local = lax.top_k(blocks, kc)
+    index = (local + (jnp.arange(n, dtype=local.dtype) * chunk)[None, :, None]).reshape(B, n * kc)
+    _, pos = lax.top_k(values.reshape(B, n * kc), k)
+    return jnp.take_along_axis(index, pos, axis=1).astype(jnp.int32)
+
+
+def select(page_scores, lengths, *, page_size: int, budget: int, recent: int, topk_chunk: int = TOPK_CHUNK):
     """page_scores float [B, P], lengths int [B] -> page_indices int32 [B, budget],
-    page_valid bool [B, budget]. See `select_pages`."""
+    page_valid bool [B, budget]. See `select_pages`; `topk_chunk`: see `top_indices`."""
     B, P = page_scores.shape
     valid, is_recent, num_valid = valid_and_recent(P, lengths, page_size, recent)
     score = jnp.nan_to_num(page_scores.astype(jnp.float32), nan=-_FMAX, posinf=_FMAX, neginf=-_FMAX)
     key = jnp.where(is_recent, jnp.inf, jnp.where(valid, score, -jnp.inf))
     if budget > P:
         key = jnp.pad(key, ((0, 0), (0, budget - P)), constant_values=-jnp.inf)
-    _, chosen = lax.top_k(key, budget)
-    return finish_selection(chosen.astype(jnp.int32), num_valid, P)
+    return finish_selection(top_indices(key, budget, topk_chunk), num_valid, P)

@@ -3,6 +3,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from pallas_kernels.delta_decode import (BlockSizes, default_block_sizes, gpu, page_scores_from_token_maxima,
                                          paged_decode_attention, paged_sparse_decode_attention, reference,
                                          select_pages)
+from pallas_kernels.delta_decode.selection import top_indices
 
 PS = 16
 PPS = 9  # pages per sequence: not a multiple of the test's pages_per_block
@@ -201,6 +203,34 @@ def test_select_pages_matches_numpy_with_ties():
             assert len(sel) == min(nv, budget)
             assert np.all(np.diff(sel) > 0) and np.all(sel < nv)
             assert set(range(max(0, nv - recent), nv)) <= set(sel.tolist())
+
+
+@pytest.mark.parametrize("topk_chunk", [0, 7, 16, 64])
+def test_two_stage_top_k_equals_one_top_k(topk_chunk):
+    """The chunked top-k picks exactly lax.top_k's indices: ties (to the lower index), -inf, P not a multiple
+    of the chunk, k above the chunk."""
+    rng = np.random.default_rng(topk_chunk)
+    for P, k in ((100, 10), (130, 64), (37, 37), (64, 3)):
+        key = rng.integers(0, 6, size=(5, P)).astype(np.float32)
+        key[1, rng.random(P) < 0.5] = -np.inf
+        key[2, :] = 1.0
+        got = top_indices(jnp.asarray(key), k, topk_chunk)
+        want = jax.lax.top_k(jnp.asarray(key), k)[1]
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_select_pages_two_stage_matches_numpy():
+    rng = np.random.default_rng(11)
+    B, P = 4, 300
+    lengths = np.array([P * PS, 37 * PS + 3, 0, 5], np.int32)
+    scores = rng.integers(0, 5, size=(B, P)).astype(np.float32)
+    for topk_chunk in (0, 32, 128):
+        idx, valid = select_pages(jnp.asarray(scores), jnp.asarray(lengths), page_size=PS, budget=40, recent=3,
+                                  topk_chunk=topk_chunk)
+        ref_idx, ref_valid = _np_select(scores, lengths, PS, 40, 3)
+        ref_idx[lengths == 0] = 0
+        np.testing.assert_array_equal(np.asarray(idx), ref_idx)
+        np.testing.assert_array_equal(np.asarray(valid), ref_valid)
 
 
 def test_select_pages_tie_goes_to_earlier_page():
