@@ -84,6 +84,8 @@ def back_to_back(engine, prefill, decode, length, batch, new, chunk, reps, profi
     prof = None
     if profile:
         prof = common.device_profile(lambda: engine.steps.decode(decode, chunk, engine.state, pages, slots)[2])
+    sched.pages = pages
+    sched.close()
     return seconds, prof
 
 

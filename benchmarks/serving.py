@@ -151,6 +151,7 @@ def run_server(engine, w: Workload, prefill: PrefillConfig, decode: DecodeConfig
     finally:
         srv.should_exit = True
         thread.join()
+        sched.close()  # its pool must not hold the memory the next run needs
     m = sched.metrics()
     spec = sched.spec
     out = summarize(w, timings, seconds)

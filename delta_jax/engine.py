@@ -239,10 +239,7 @@ class Engine:
         return num_pages * page_size * per_token // self._data_shards()
 
     def _sharing(self) -> int:
-        """Devices whose memory one check covers: simulated CPU devices share the host's."""
-        if self.mesh is None or jax.default_backend() != "cpu":
-            return 1
-        return self.mesh.devices.size
+        return memory.devices_sharing(self.mesh)
 
     # ------------------------------------------------------------------ generate
     def generate(self, prompts, *, max_new_tokens: int = 32, chat: bool = False,
@@ -271,11 +268,17 @@ class Engine:
                               f"length max_seq_len={self.max_seq_len}")
         sched = self.scheduler_for([len(s) for s in seqs], max_new_tokens, prefill, decode, chunk=chunk)
         reqs = []
-        for i, s in enumerate(seqs):
-            cb = None if on_token is None else (lambda r, t, d, i=i: t is not None and on_token(i, t))
-            reqs.append(sched.submit(Request(prompt=s, max_tokens=max_new_tokens, temperature=temperature,
-                                             top_p=top_p, seed=seed, stop=tuple(stop), on_token=cb)))
-        sched.run()
+        try:
+            for i, s in enumerate(seqs):
+                cb = None if on_token is None else (lambda r, t, d, i=i: t is not None and on_token(i, t))
+                reqs.append(sched.submit(Request(prompt=s, max_tokens=max_new_tokens, temperature=temperature,
+                                                 top_p=top_p, seed=seed, stop=tuple(stop), on_token=cb)))
+            sched.run()
+        finally:
+            sched.close()  # the pool goes now, not when Python collects the scheduler
+        refused = next((r for r in reqs if r.error), None)
+        if refused is not None:
+            raise ConfigError(refused.error)
         out = []
         for r in reqs:
             decode_s = r.finish_time - r.first_token_time - r.compile_seconds

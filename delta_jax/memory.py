@@ -37,6 +37,62 @@ def prefill_bytes(cfg: ModelConfig, batch: int, tokens: int, dtype, model_shards
     return n * per_token + mlp + batch * cfg.vocab_size * 4
 
 
+class DoesNotFit(ConfigError):
+    """A compiled step needs more device memory than is free (raised before it runs)."""
+
+
+def _analysis(compiled):
+    try:
+        return compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - a backend without memory analysis
+        return None
+
+
+def call_bytes(compiled) -> Optional[int]:
+    """Device bytes one call of `compiled` allocates beyond its arguments (XLA's temporaries and the outputs not
+    aliased to a donated argument), from XLA's own buffer assignment; None when the backend does not say."""
+    m = _analysis(compiled)
+    return None if m is None else int(m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+
+
+def temp_bytes(compiled) -> Optional[int]:
+    """XLA's temporaries of one call of `compiled`: one allocation, so they need one free block that large."""
+    m = _analysis(compiled)
+    return None if m is None else int(m.temp_size_in_bytes)
+
+
+def devices_sharing(mesh) -> int:
+    """Devices whose memory is one pool: simulated CPU devices share the host's; accelerators have their own."""
+    if mesh is None or jax.default_backend() != "cpu":
+        return 1
+    return mesh.devices.size
+
+
+def check_call(compiled, what: str, hint: str, mesh=None) -> None:
+    """Raises DoesNotFit naming both figures when a call of `compiled` (per device, on `mesh`) cannot fit the
+    device's free memory."""
+    need = call_bytes(compiled)
+    if need is None:
+        return
+    need *= devices_sharing(mesh)
+    free, where = free_bytes()
+    if need > HEADROOM * free:
+        raise DoesNotFit(f"{what} needs {need / GiB:.1f} GiB of device memory (XLA's temporaries and outputs) but "
+                         f"{free / GiB:.1f} GiB is {where}; {hint}")
+    temp, block = temp_bytes(compiled), largest_free_block()
+    if temp is not None and block is not None and temp > block:
+        raise DoesNotFit(f"{what} needs one block of {temp / GiB:.1f} GiB (XLA's temporaries) but the largest free "
+                         f"block is {block / GiB:.1f} GiB ({free / GiB:.1f} GiB is {where}, fragmented); {hint}")
+
+
+def largest_free_block(devices=None) -> Optional[int]:
+    """The largest contiguous free block of the accelerator's allocator (None on the CPU or when not reported)."""
+    dev = (devices or jax.local_devices())[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    block = (stats or {}).get("largest_free_block_bytes")
+    return None if block is None else int(block)
+
+
 def free_bytes(devices=None) -> tuple[int, str]:
     """(free bytes, what they are) on the first of `devices`: the accelerator's, or the host's on the CPU."""
     dev = (devices or jax.local_devices())[0]

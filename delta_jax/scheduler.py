@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from delta_jax import cache, sampling, sharding
+from delta_jax import cache, memory, sampling, sharding
 from delta_jax.cache import CacheSpec, PageAllocator
 from delta_jax.config import ConfigError, DecodeConfig, PrefillConfig
 from delta_jax.steps import Slots, empty_slots
@@ -39,8 +39,10 @@ class Request:
     """One generation request and, as it runs, its output.
 
     `on_token(request, token, text_delta)` is called for every new token (from the scheduler's thread);
-    `events` receives `("token", token, text_delta)` and finally `("done", finish_reason)`.
-    finish_reason: "eos" (an end-of-sequence token), "stop" (a stop string), "length" (`max_tokens`) or "abort".
+    `events` receives `("token", token, text_delta)` and finally `("done", finish_reason)`, or `("refused",
+    error)` for a request that cannot run here after all (its prefill does not fit the device's free memory).
+    finish_reason: "eos" (an end-of-sequence token), "stop" (a stop string), "length" (`max_tokens`), "abort",
+    or "error" (refused; `error` says why).
     """
 
     prompt: list[int]
@@ -54,6 +56,7 @@ class Request:
     tokens: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     finish_reason: Optional[str] = None
+    error: Optional[str] = None
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_time: Optional[float] = None
     finish_time: Optional[float] = None
@@ -140,6 +143,13 @@ class Scheduler:
         """Stops a request (a client went away); its slot and pages are released at the next step."""
         with self._lock:
             self._cancelled.add(request_id)
+
+    def close(self) -> None:
+        """Frees the KV pool's device memory now (the scheduler cannot step afterwards)."""
+        for layer in self.pages:
+            for x in layer:
+                x.delete()
+        self.pages = ()
 
     def has_work(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.running) or self._pending is not None
@@ -236,8 +246,12 @@ class Scheduler:
             table[i, :len(r._pages)] = r._pages
         steps = self.engine.steps
         t0 = time.perf_counter()
-        first, self.pages = steps.prefill(self.prefill_method, self.engine.state, self.pages, *map(jnp.asarray, (
-            tokens, lengths, table, row_shard, seeds, temperature, top_p)), how=sampling.mode(temperature, top_p))
+        try:
+            first, self.pages = steps.prefill(self.prefill_method, self.engine.state, self.pages, *map(jnp.asarray, (
+                tokens, lengths, table, row_shard, seeds, temperature, top_p)), how=sampling.mode(temperature, top_p))
+        except memory.DoesNotFit as e:
+            self._split(group, e)
+            return
         first = np.asarray(first)
         seconds = time.perf_counter() - t0 - steps.last_compile_seconds
         self.stats["prefill_tokens"] += int(lengths[:len(group)].sum())
@@ -252,6 +266,21 @@ class Scheduler:
                      counts=np.ones(n, np.int32), seeds=seeds[:n], temperature=temperature[:n], top_p=top_p[:n])
         index = np.asarray([r._slot for r in group], np.int32)
         self.slots = steps.insert(self.slots, jnp.asarray(index), Slots(*map(jnp.asarray, rows)))
+
+    def _split(self, group: list[Request], error: memory.DoesNotFit) -> None:
+        """A prefill batch that does not fit the device's free memory: prefills it in halves (and plans no larger
+        batch from now on), or refuses a single request with the reason (its slot and pages return at the next
+        step)."""
+        if len(group) == 1:
+            req = group[0]
+            req.error, req.finish_reason, req.finish_time = str(error), "error", time.perf_counter()
+            self.stats["finished"] += 1
+            req.events.put(("refused", req.error))
+            return
+        half = len(group) // 2
+        self.max_prefill_tokens = min(self.max_prefill_tokens, self._prefill_tokens(group[half:]))
+        self._prefill(group[:half])
+        self._prefill(group[half:])
 
     def _emit_first(self) -> None:
         """Streams the first token of each request prefilled in this step (after the next chunk is on its way)."""

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from delta_jax import sampling, sharding
+from delta_jax import memory, sampling, sharding
 from delta_jax.config import DecodeConfig, PrefillConfig
 
 
@@ -68,7 +68,9 @@ class Steps:
         (`key` names everything `fn` closes over: kind, method, static sizes)."""
         return self._run(key, lambda: jax.jit(fn, **jit_kw), args, what)
 
-    def _run(self, key, make, args, what: Optional[str]):
+    def _run(self, key, make, args, what: Optional[str], fits: Optional[str] = None):
+        """Compiles (once per signature) and calls; with `fits` (what to change if it does not fit), first
+        checks what the call allocates against the device's free memory (`memory.DoesNotFit`)."""
         from delta_jax.delta import KERNEL_BACKEND
         key = (*key, KERNEL_BACKEND)  # the kernel path is part of what a compile means
         if key not in self._fns:
@@ -83,6 +85,8 @@ class Steps:
             self.last_compile_seconds = time.perf_counter() - t0
             self.compile_seconds += self.last_compile_seconds
             _log(f"compiled {what} in {self.last_compile_seconds:.1f}s", self.progress and what is not None)
+        if fits is not None:
+            memory.check_call(self._compiled[sig], what, fits, self.mesh)
         return self._compiled[sig](*args)
 
     def _signature(self, tree):
@@ -109,7 +113,8 @@ class Steps:
                 temperature, top_p, how: str = "greedy"):
         """Runs prompts `tokens [b, T]` and writes their keys and values into `pages` (donated) through
         `page_table [b, W]`; returns (first sampled token `[b]`, pages). `how`: the sampling code
-        (`sampling.mode`)."""
+        (`sampling.mode`). Raises `memory.DoesNotFit` (before running; `pages` untouched) when the compiled
+        prefill cannot fit the device's free memory."""
         graphdef = self.graphdef
 
         def fn(state, pages, tokens, lengths, page_table, row_shard, seeds, temperature, top_p):
@@ -127,7 +132,8 @@ class Steps:
 
         return self._run(("prefill", method, how), make,
                          (state, pages, tokens, lengths, page_table, row_shard, seeds, temperature, top_p),
-                         f"prefill {method.method} for {tuple(tokens.shape)}")
+                         f"prefill {method.method} for {tuple(tokens.shape)}",
+                         fits="a shorter prompt, a smaller KV cache (--kv-pages, --max-seq-len) or --mesh model=N")
 
     # ------------------------------------------------------------------ slots
     def insert(self, slots: Slots, index, rows: Slots) -> Slots:

@@ -139,6 +139,49 @@ def test_memory_refusal_names_both_figures():
         e.generate([[1, 2, 3]] * 4, max_new_tokens=(1 << 24) - 8)
 
 
+def test_a_prefill_batch_that_does_not_fit_is_split_and_a_single_one_refused(engine, monkeypatch):
+    """XLA's own figure for the compiled prefill (temporaries and outputs) is checked before it runs: a batch
+    that does not fit the free memory is prefilled in halves (same tokens), a single prompt is refused in one line
+    naming both figures, and its slot and pages come back."""
+    from delta_jax import memory
+    prompts = _prompts(5, (60, 90, 30, 120))
+    want = [g.tokens for g in engine.generate(prompts, max_new_tokens=5)]
+    sizes = []
+    real = memory.call_bytes
+    monkeypatch.setattr(memory, "call_bytes", lambda c: sizes.append(real(c)) or sizes[-1])
+    engine.generate(prompts[3:], max_new_tokens=5)  # what a prefill of one prompt allocates, by XLA's analysis
+    single = sizes[-1]
+    sched = engine.scheduler_for([len(p) for p in prompts], 5)
+    monkeypatch.setattr(memory, "free_bytes", lambda devices=None: (int(1.5 * single), "free (test)"))
+    assert sched.max_prefill_tokens >= 4 * 128  # planned as one batch of four
+    reqs = [sched.submit(Request(prompt=p, max_tokens=5)) for p in prompts]
+    sched.run()
+    assert [r.tokens for r in reqs] == want and not any(r.error for r in reqs)
+    assert sched.max_prefill_tokens < 4 * 128
+    # enough memory in all, but fragmented: XLA's temporaries are one allocation and need one block that large
+    temps = []
+    real_temp = memory.temp_bytes
+    monkeypatch.setattr(memory, "temp_bytes", lambda c: temps.append(real_temp(c)) or temps[-1])
+    monkeypatch.setattr(memory, "free_bytes", lambda devices=None: (1 << 40, "free (test)"))
+    engine.generate(prompts[3:], max_new_tokens=5)
+    assert temps[-1] > 0
+    monkeypatch.setattr(memory, "largest_free_block", lambda devices=None: temps[-1] - 1)
+    with pytest.raises(ConfigError, match=r"prefill dense for \(1, \d+\) needs one block of [\d.]+ GiB .* but the "
+                                          r"largest free block is [\d.]+ GiB \(1024\.0 GiB is free \(test\), fragmented\)"):
+        engine.generate(prompts[3:], max_new_tokens=5)
+    monkeypatch.setattr(memory, "largest_free_block", lambda devices=None: None)
+    monkeypatch.setattr(memory, "call_bytes", lambda c: 1 << 50)  # one prompt no longer fits either
+    with pytest.raises(ConfigError, match=r"prefill dense for \(1, \d+\) needs 1048576\.0 GiB of device memory .* but "
+                                          r"[\d.]+ GiB is free \(test\); a shorter prompt"):
+        engine.generate(prompts[:1], max_new_tokens=5)
+    sched = engine.scheduler(slots=2, max_seq_len=256, num_pages=40)
+    r = sched.submit(Request(prompt=prompts[0], max_tokens=5))
+    sched.run()
+    assert r.finish_reason == "error" and "GiB is free (test)" in r.error and r.events.get_nowait()[0] == "refused"
+    sched.step()
+    assert sched.metrics()["pages_in_use"] == 0 and sched.metrics()["running"] == 0
+
+
 def test_a_million_tokens_of_llama_8b_on_one_gpu_is_refused():
     """The check the engine runs before compiling, with Llama-3.1-8B's shapes and an H200's free memory."""
     from benchmarks.common import llama31_8b

@@ -56,6 +56,14 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def _failure(kind: str, detail: str) -> APIError:
+    """The error of a request that ended without finishing: refused by the scheduler (it cannot run here: 400)
+    or failed with the scheduler (500)."""
+    if kind == "refused":
+        return APIError(400, detail, param="prompt")
+    return APIError(500, detail, kind="server_error")
+
+
 def prometheus(m: dict) -> str:
     """Scheduler.metrics() in Prometheus' text format."""
     rows = [("waiting_requests", "gauge", "requests queued for a slot and pages", m["waiting"]),
@@ -173,7 +181,7 @@ def create_app(engine, scheduler: scheduling.Scheduler, *, model_name: str, warm
                 if include_usage:
                     yield reply.chunk(usage=protocol.usage(len(req.prompt), len(req.tokens)), include_usage=True)
             else:
-                yield f"data: {json.dumps(APIError(500, rest[0], kind='server_error').body())}\n\n"
+                yield f"data: {json.dumps(_failure(kind, rest[0]).body())}\n\n"
             yield protocol.DONE
             return
 
@@ -196,8 +204,8 @@ def create_app(engine, scheduler: scheduling.Scheduler, *, model_name: str, warm
         if done not in finished:
             return JSONResponse(APIError(499, "the client closed the connection").body(), status_code=499)
         kind, detail = done.result()
-        if kind == "error":
-            raise APIError(500, detail, kind="server_error")
+        if kind != "done":
+            raise _failure(kind, detail)
         return JSONResponse(reply.full(req.text, detail, len(req.prompt), len(req.tokens)))
 
     @app.post("/v1/completions")

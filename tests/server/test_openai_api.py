@@ -214,3 +214,23 @@ def test_a_client_that_leaves_returns_its_pages(served):
     m = _wait_idle(url)
     assert m["delta_jax_kv_pages_in_use"] == 0 and m["delta_jax_running_requests"] == 0
     assert sched.metrics()["generated_tokens"] - before < 200
+
+
+def test_a_prompt_whose_prefill_does_not_fit_gets_a_400_and_the_server_goes_on(served, monkeypatch):
+    """XLA's figure for the compiled prefill is checked before it runs: a request it does not fit is refused with a
+    400 naming both figures (plain and streamed), its pages return, and the next request is served."""
+    from delta_jax import memory
+    _, _, url, client = served
+    _wait_idle(url)
+    monkeypatch.setattr(memory, "call_bytes", lambda compiled: 1 << 50)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert "needs 1048576.0 GiB of device memory" in e.value.body["message"] and e.value.body["param"] == "prompt"
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0, stream=True)
+                  .response.iter_lines())
+    assert any("needs 1048576.0 GiB of device memory" in line for line in chunks)
+    monkeypatch.undo()
+    m = _wait_idle(url)
+    assert m["delta_jax_kv_pages_in_use"] == 0 and m["delta_jax_running_requests"] == 0
+    out = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=2, temperature=0)
+    assert out.choices[0].text and out.usage.completion_tokens == 2
