@@ -126,8 +126,9 @@ def spot_check(args, backend, interpret, bs, rbs=None, fbs=None, dtype=jnp.bfloa
             jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
                                          local_window_size=(w - 1, 0)))
     res = {}
+    wanted = args.checks.split(",") if args.checks else list(checks)
     with jax.default_matmul_precision("highest"):
-        for name, fn in checks.items():
+        for name, fn in ((n, f) for n, f in checks.items() if n in wanted):
             try:
                 res[name] = fn()
             except Exception as e:  # noqa: BLE001
@@ -422,6 +423,7 @@ def main(argv=None):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--check-len", type=int, default=2048)
+    p.add_argument("--checks", type=str, default=None, help="comma-separated spot checks to run (default: all)")
     p.add_argument("--backend", type=str, default=None)
     p.add_argument("--budget-s", type=float, default=540, help="stop starting new timings after this")
     p.add_argument("--no-check", action="store_true", help="skip the correctness spot check")

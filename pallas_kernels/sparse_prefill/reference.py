@@ -136,8 +136,8 @@ def _softmax_lse(sc):
     return p / jnp.where(z > 0, z, 1.0), lse
 
 
-@functools.partial(jax.jit, static_argnames=("window", "sinks", "gamma"))
-def taylor_reference(q, k, v, *, window, sinks, gamma, lengths=None):
+@functools.partial(jax.jit, static_argnames=("window", "sinks", "gamma", "return_margin"))
+def taylor_reference(q, k, v, *, window, sinks, gamma, lengths=None, return_margin=False):
     """The `taylor` variant (ours) for every row, from dense masks. Row t in the block of sampled
     row r = t - t % gamma splits its keys in three: its window and sinks (the sparse base), the band
     `[r - window + 1, t - window]` (attended exactly) and the far keys `[sinks, r - window]`. For the
@@ -145,7 +145,9 @@ def taylor_reference(q, k, v, *, window, sinks, gamma, lengths=None):
     to the sequence's last sampled row) gives their exact log-partition lse_a, mean key mu_a and mean
     value F_a; the tightest tangent bound `lse_a + (q_t - q_a) . mu_a / sqrt(D)` gives the far weight
     and its anchor's F_a the far output, merged with the other two parts by their partitions.
-    lengths int [B] or None. Returns [B, T, H, D] in the wide dtype (no exact tail)."""
+    lengths int [B] or None. Returns [B, T, H, D] in the wide dtype (no exact tail), and with
+    `return_margin` the gap between the tightest and the second tightest bound [B, T, H]: where it is
+    within rounding, either anchor's F_a is the method's answer (the far output jumps between them)."""
     q, k, v = _widen(q), _widen(k), _widen(v)
     B, T, H, D = q.shape
     kvh, grp = k.shape[2], H // k.shape[2]
@@ -181,4 +183,8 @@ def taylor_reference(q, k, v, *, window, sinks, gamma, lengths=None):
     top = jnp.max(parts, 0)
     w = jnp.exp(parts - top[None])
     w = w / jnp.sum(w, 0)[None]
-    return w[0][..., None] * sparse + w[1][..., None] * band + w[2][..., None] * far_out
+    out = w[0][..., None] * sparse + w[1][..., None] * band + w[2][..., None] * far_out
+    if not return_margin:
+        return out
+    top2 = jax.lax.top_k(jnp.moveaxis(jnp.where(jnp.isfinite(bounds), bounds, -jnp.inf), 0, -1), 2)[0]
+    return out, jnp.where(jnp.isfinite(top2[..., 0]), top2[..., 0] - top2[..., 1], jnp.inf)  # no far keys: no tie

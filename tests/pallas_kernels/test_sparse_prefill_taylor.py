@@ -91,7 +91,7 @@ def test_taylor_reference_rows():
     # and sinks, its band and the far part of the anchor with the tightest tangent bound
     T, window, sinks, gamma = 100, 20, 3, 16
     q, k, v = _inputs(40, 1, T, 2, 1)
-    want = ref64(ref.taylor_reference, q, k, v, window=window, sinks=sinks, gamma=gamma)
+    want, margin = ref64(ref.taylor_reference, q, k, v, window=window, sinks=sinks, gamma=gamma, return_margin=True)
     mk, mv, lse = _far_numpy(q, k, v, window, sinks, gamma)
     q, k, v = (np.asarray(x, np.float64)[0] for x in (q, k, v))
     n = -(-T // gamma)
@@ -112,6 +112,10 @@ def test_taylor_reference_rows():
             w = np.array([np.exp(p[0] - top) for p in parts])
             row = sum(wi * p[1] for wi, p in zip(w / w.sum(), parts))
             np.testing.assert_allclose(want[0, t, h], row, rtol=1e-9, atol=1e-9)
+            if np.isfinite(bounds[best]):
+                assert np.isclose(margin[0, t, h], bounds[best] - sorted(bounds)[-2], rtol=1e-9, atol=1e-9)
+            else:
+                assert margin[0, t, h] == np.inf  # no far keys: no anchor to choose, no tie
 
 
 @pytest.mark.parametrize("backend", ["xla", "gpu"])
