@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from delta_jax import memory, sampling, sharding
+from delta_jax import cache, memory, sampling, sharding
 from delta_jax.config import DecodeConfig, PrefillConfig
 
 
@@ -109,12 +109,8 @@ class Steps:
         return pool, sharding.slot_sharding(1, self.mesh)
 
     # ------------------------------------------------------------------ prefill
-    def prefill(self, method: PrefillConfig, state, pages, tokens, lengths, page_table, row_shard, seeds,
-                temperature, top_p, how: str = "greedy"):
-        """Runs prompts `tokens [b, T]` and writes their keys and values into `pages` (donated) through
-        `page_table [b, W]`; returns (first sampled token `[b]`, pages). `how`: the sampling code
-        (`sampling.mode`). Raises `memory.DoesNotFit` (before running; `pages` untouched) when the compiled
-        prefill cannot fit the device's free memory."""
+    def _prefill_jit(self, method: PrefillConfig, how: str, pages):
+        """The prefill's compile-cache key and its jit maker (shardings from `pages`)."""
         graphdef = self.graphdef
 
         def fn(state, pages, tokens, lengths, page_table, row_shard, seeds, temperature, top_p):
@@ -130,10 +126,35 @@ class Steps:
             kw = {} if pool is None else {"out_shardings": (sharding.replicated(self.mesh), pool)}
             return jax.jit(fn, donate_argnums=(1,), **kw)
 
-        return self._run(("prefill", method, how), make,
-                         (state, pages, tokens, lengths, page_table, row_shard, seeds, temperature, top_p),
+        return ("prefill", method, how), make
+
+    def prefill(self, method: PrefillConfig, state, pages, tokens, lengths, page_table, row_shard, seeds,
+                temperature, top_p, how: str = "greedy"):
+        """Runs prompts `tokens [b, T]` and writes their keys and values into `pages` (donated) through
+        `page_table [b, W]`; returns (first sampled token `[b]`, pages). `how`: the sampling code
+        (`sampling.mode`). Raises `memory.DoesNotFit` (before running; `pages` untouched) when the compiled
+        prefill cannot fit the device's free memory."""
+        key, make = self._prefill_jit(method, how, pages)
+        return self._run(key, make, (state, pages, tokens, lengths, page_table, row_shard, seeds, temperature, top_p),
                          f"prefill {method.method} for {tuple(tokens.shape)}",
                          fits="a shorter prompt, a smaller KV cache (--kv-pages, --max-seq-len) or --mesh model=N")
+
+    def prefill_bytes(self, method: PrefillConfig, state, spec, batch: int, tokens: int) -> Optional[int]:
+        """XLA's figure (`memory.call_bytes`) for one prefill of `batch x tokens` into a pool shaped by `spec`
+        (`delta_jax.cache.CacheSpec`), compiled from shapes alone: nothing is allocated. None when the backend
+        gives no figure."""
+        shape = cache.pool_shape(spec)
+        sh = None if self.mesh is None else sharding.pool_sharding(shape, self.mesh)
+        page = jax.ShapeDtypeStruct(shape, jnp.dtype(spec.dtype), sharding=sh)
+        pages = tuple((page, page) for _ in range(spec.num_layers))
+        ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+        floats = jax.ShapeDtypeStruct((batch,), jnp.float32)
+        _, make = self._prefill_jit(method, "greedy", pages)
+        _log(f"sizing the prefill of {batch} x {tokens} tokens", self.progress)
+        with sharding.use_mesh(self.mesh):
+            compiled = make().lower(state, pages, ints(batch, tokens), ints(batch), ints(batch, spec.pages_per_seq),
+                                    ints(batch), ints(batch), floats, floats).compile()
+        return memory.call_bytes(compiled)
 
     # ------------------------------------------------------------------ slots
     def insert(self, slots: Slots, index, rows: Slots) -> Slots:

@@ -182,6 +182,19 @@ def test_a_prefill_batch_that_does_not_fit_is_split_and_a_single_one_refused(eng
     assert sched.metrics()["pages_in_use"] == 0 and sched.metrics()["running"] == 0
 
 
+def test_a_server_pool_leaves_room_for_the_longest_prefill_as_xla_compiles_it(engine, monkeypatch):
+    """The pool that `Engine.scheduler` sizes from the free memory leaves XLA's own figure for one prefill of
+    max_seq_len tokens (compiled from shapes alone) when it exceeds the estimate."""
+    from delta_jax import memory
+    free = 64 << 20
+    monkeypatch.setattr(memory, "free_bytes", lambda devices=None: (free, "free (test)"))
+    estimated = engine.scheduler(slots=64, max_seq_len=512).spec.num_pages
+    monkeypatch.setattr(memory, "call_bytes", lambda compiled: 32 << 20)
+    page = memory.kv_bytes_per_token(CFG, jnp.float32) * 16
+    sched = engine.scheduler(slots=64, max_seq_len=512)
+    assert sched.spec.num_pages == int((memory.HEADROOM * free - (32 << 20)) // page) < estimated
+
+
 def test_a_million_tokens_of_llama_8b_on_one_gpu_is_refused():
     """The check the engine runs before compiling, with Llama-3.1-8B's shapes and an H200's free memory."""
     from benchmarks.common import llama31_8b
