@@ -145,11 +145,11 @@ def main(argv=None):
                 run = lambda: engine.generate(prompts, max_new_tokens=a.new if dname != "-" else 1,  # noqa: E731
                                               prefill=prefills[pname], decode=dec, chunk=a.chunk)
                 cold = run()  # compiles (excluded from its times) and runs each executable a first time
-                row["cold_ttft_s"] = max(o.prefill_seconds for o in cold)
+                row["cold_ttft_s"] = max(o.ttft_seconds for o in cold)
                 if dname != "-":
                     row["cold_generate_step_ms"] = 1e3 / float(np.mean([o.decode_tokens_per_second for o in cold]))
                 outs = run() if a.warm else cold
-                row["ttft_s"] = max(o.prefill_seconds for o in outs)
+                row.update(ttft_s=max(o.ttft_seconds for o in outs), prefill_s=max(o.prefill_seconds for o in outs))
                 if a.profile and batch == 1:
                     row["profile_prefill"] = common.device_profile(lambda: engine.generate(
                         prompts, max_new_tokens=1, prefill=prefills[pname], decode=dec, chunk=a.chunk) and None)

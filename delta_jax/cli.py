@@ -113,7 +113,7 @@ def cmd_generate(a):
     for p, o in zip(prompts, outs):
         if a.json:
             print(json.dumps({"prompt": p, "text": o.text, "tokens": o.tokens, "prompt_tokens": o.prompt_tokens,
-                              "prefill_seconds": o.prefill_seconds,
+                              "prefill_seconds": o.prefill_seconds, "ttft_seconds": o.ttft_seconds,
                               "decode_tokens_per_second": o.decode_tokens_per_second,
                               "finish_reason": o.finish_reason}))
         elif stream:

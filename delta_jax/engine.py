@@ -31,7 +31,8 @@ class GenerateOutput:
     text: str
     tokens: list[int]
     prompt_tokens: int
-    prefill_seconds: float
+    prefill_seconds: float  # the prefill call that held this prompt
+    ttft_seconds: float     # from the call to this prompt's first token (other prompts' prefills included)
     decode_seconds: float
     decode_tokens_per_second: float
     finish_reason: str  # "eos", "stop" (a stop string) or "length"
@@ -287,6 +288,7 @@ class Engine:
             decode_s = r.finish_time - r.first_token_time - r.compile_seconds
             out.append(GenerateOutput(
                 text=r.text, tokens=r.tokens, prompt_tokens=len(r.prompt), prefill_seconds=r.prefill_seconds,
+                ttft_seconds=r.ttft_seconds,
                 decode_seconds=decode_s,
                 decode_tokens_per_second=(len(r.tokens) - 1) / decode_s if decode_s > 0 else 0.0,
                 finish_reason=r.finish_reason))

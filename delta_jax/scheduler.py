@@ -61,6 +61,7 @@ class Request:
     first_token_time: Optional[float] = None
     finish_time: Optional[float] = None
     prefill_seconds: float = 0.0
+    ttft_seconds: Optional[float] = None  # from `submit` to the first token, compilation excluded
     compile_seconds: float = 0.0  # compilation between the first token and the finish (excluded from decode times)
     events: "queue.Queue" = dataclasses.field(default_factory=queue.Queue, repr=False)
     _sent: int = 0          # characters of text already streamed
@@ -135,6 +136,7 @@ class Scheduler:
         self.check(req)
         with self._lock:
             req.arrival = time.perf_counter()
+            req._compile_mark = self.engine.steps.compile_seconds
             self.waiting.append(req)
             self.stats["requests"] += 1
         return req
@@ -284,10 +286,11 @@ class Scheduler:
 
     def _emit_first(self) -> None:
         """Streams the first token of each request prefilled in this step (after the next chunk is on its way)."""
-        now = time.perf_counter()
+        now, compiled = time.perf_counter(), self.engine.steps.compile_seconds
         for r, token, _ in self._first:
             r.first_token_time = now
-            r._compile_mark = self.engine.steps.compile_seconds
+            r.ttft_seconds = now - r.arrival - (compiled - r._compile_mark)
+            r._compile_mark = compiled
             self.stats["ttft"].append(now - r.arrival)
             self._emit(r, token)
         self._first = []

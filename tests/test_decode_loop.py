@@ -56,6 +56,7 @@ def test_device_loop_equals_step_by_step(engine, method):
     for p, g in zip(prompts, got):
         assert g.tokens == step_by_step(engine, p, method, 9)
         assert g.finish_reason == "length"
+        assert g.ttft_seconds >= g.prefill_seconds - 1e-6 > 0  # the wait for the first token holds the prefill
 
 
 def test_eos_in_the_middle_of_a_batch_and_streaming_order(engine):
