@@ -57,6 +57,7 @@ class Timing:
     arrival: float
     tokens: list  # arrival time of each output token
     end: float
+    error: str = ""  # why the server ended the request without finishing it (refused: no tokens)
 
 
 def workload(n: int, rate: float, duration, lengths, outputs, vocab: int, seed: int) -> Workload:
@@ -72,15 +73,19 @@ def workload(n: int, rate: float, duration, lengths, outputs, vocab: int, seed: 
 
 
 def summarize(w: Workload, timings: list, seconds: float) -> dict:
-    """TTFT, time per output token (after the first), end-to-end latency and throughput of one run."""
+    """TTFT, time per output token (after the first), end-to-end latency and throughput of one run (latencies
+    over the requests that were served; the others are counted and their first error kept)."""
+    failed = [t for t in timings if t.error]
+    timings = [t for t in timings if not t.error]
     ttft = np.array([t.tokens[0] - t.arrival for t in timings])
     tpot = np.array([(t.tokens[-1] - t.tokens[0]) / (len(t.tokens) - 1) for t in timings if len(t.tokens) > 1])
     e2e = np.array([t.end - t.arrival for t in timings])
     out_tokens = sum(len(t.tokens) for t in timings)
     prompt_tokens = sum(len(p) for p in w.prompts)
     q = lambda x, p: float(np.percentile(x, p)) if len(x) else None  # noqa: E731
-    return {"requests": len(timings), "seconds": seconds,
-            "ttft_p50": q(ttft, 50), "ttft_p99": q(ttft, 99), "ttft_mean": float(ttft.mean()),
+    return {"requests": len(timings), "failed": len(failed), "first_error": failed[0].error if failed else None,
+            "seconds": seconds, "ttft_p50": q(ttft, 50), "ttft_p99": q(ttft, 99),
+            "ttft_mean": float(ttft.mean()) if len(ttft) else None,
             "tpot_p50": q(tpot, 50), "tpot_p99": q(tpot, 99), "tpot_mean": float(tpot.mean()) if len(tpot) else None,
             "e2e_p50": q(e2e, 50), "e2e_p99": q(e2e, 99),
             "requests_per_second": len(timings) / seconds, "output_tokens_per_second": out_tokens / seconds,
@@ -106,6 +111,8 @@ async def _client(url: str, w: Workload, sched, poll: dict) -> tuple[list, float
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if "error" in chunk:  # refused or failed after the stream began
+                    return Timing(float(w.arrival[i]), tokens, now(), chunk["error"]["message"])
                 if chunk["choices"] and chunk["choices"][0]["finish_reason"] is None:
                     tokens.append(now())
                 if chunk.get("usage") and chunk["usage"]["completion_tokens"] != len(tokens):
@@ -219,7 +226,7 @@ def plot(results: dict, path: str) -> None:
     runs = {k: v for k, v in results["runs"].items() if "timings" in v}
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
     for name, r in runs.items():
-        ttft = np.sort([t["tokens"][0] - t["arrival"] for t in r["timings"]])
+        ttft = np.sort([t["tokens"][0] - t["arrival"] for t in r["timings"] if t["tokens"]])
         ax[0].step(ttft, np.arange(1, len(ttft) + 1) / len(ttft), where="post", label=name)
     ax[0].set(xlabel="time to first token (s)", ylabel="share of requests", title="TTFT CDF")
     ax[0].legend()
@@ -243,6 +250,10 @@ def table(results: dict) -> str:
             lines.append(f"{name:<8} {r.get('skipped') or r.get('error')}")
             continue
         ms = lambda x: f"{1e3 * x:.1f}ms" if x is not None else "-"  # noqa: E731
+        if r["failed"]:
+            lines.append(f"{name:<8} {r['failed']} request(s) failed, the first: {r['first_error']}")
+        if not r["requests"]:
+            continue
         lines.append(f"{name:<8} {r['ttft_p50']:>8.2f}s {r['ttft_p99']:>8.2f}s {ms(r['tpot_p50']):>9} "
                      f"{ms(r['tpot_p99']):>9} {r['requests_per_second']:>7.2f} {r['output_tokens_per_second']:>10.1f} "
                      f"{r.get('peak_pages', '-'):>11} {r.get('max_running', '-'):>12}")

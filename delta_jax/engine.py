@@ -219,9 +219,11 @@ class Engine:
         width = cache.ladder(cache.pages_for(max_seq_len, ps))
         shards = self._data_shards()
         act = memory.prefill_bytes(self.config, 1, prefill_length(max_seq_len), self.dtype, self._model_shards())
-        if num_pages is None:  # leave room for the longest prefill as XLA compiles it, when above the estimate
-            probe = cache.CacheSpec.for_model(self.config, page_size=ps, num_pages=2 * shards, pages_per_seq=width,
-                                              slots=shards, shards=shards, dtype=self._dtype_name())
+        if num_pages is None:  # leave room for the longest prefill as XLA compiles it beside a full pool, when
+            # above the estimate (XLA schedules into the memory its arguments leave: a small pool inflates the figure)
+            probe = cache.CacheSpec.for_model(self.config, page_size=ps, num_pages=slots * width + shards,
+                                              pages_per_seq=width, slots=slots, shards=shards,
+                                              dtype=self._dtype_name())
             act = max(act, self.steps.prefill_bytes(prefill, self.state, probe, 1, prefill_length(max_seq_len)) or 0)
             free, _ = memory.free_bytes()
             per_device = int((memory.HEADROOM * free / self._sharing() - act) // self._pool_bytes(shards, ps))
