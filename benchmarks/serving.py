@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
 from delta_jax import cache, memory, server  # noqa: E402
-from delta_jax.config import DecodeConfig, PrefillConfig  # noqa: E402
+from delta_jax.config import ConfigError, DecodeConfig, PrefillConfig  # noqa: E402
 from delta_jax.engine import Engine  # noqa: E402
 from delta_jax.scheduler import Request  # noqa: E402
 
@@ -179,7 +179,10 @@ def run_static(engine, w: Workload, a, warm: bool) -> dict:
     t0 = time.perf_counter()
     if warm:
         for idx in batches:
-            engine.generate([w.prompts[i] for i in idx], max_new_tokens=int(max(w.outputs[idx])), chunk=a.chunk)
+            try:
+                engine.generate([w.prompts[i] for i in idx], max_new_tokens=int(max(w.outputs[idx])), chunk=a.chunk)
+            except ConfigError as e:
+                print(f"  warm-up batch refused: {e}", flush=True)
     warm_s = time.perf_counter() - t0
     print(f"  warm-up (compiles, one untimed pass) {warm_s:.1f}s", flush=True)
     timings: list = [None] * n
@@ -193,10 +196,14 @@ def run_static(engine, w: Workload, a, warm: bool) -> dict:
             if len(got[j]) < w.outputs[idx[j]]:
                 got[j].append(now())
 
-        engine.generate([w.prompts[i] for i in idx], max_new_tokens=int(max(w.outputs[idx])), chunk=a.chunk,
-                        on_token=on_token)
+        try:
+            engine.generate([w.prompts[i] for i in idx], max_new_tokens=int(max(w.outputs[idx])), chunk=a.chunk,
+                            on_token=on_token)
+            error = ""
+        except ConfigError as e:  # refused (memory): the batch's requests count as failed
+            error = str(e)
         for j, i in enumerate(idx):
-            timings[i] = Timing(float(w.arrival[i]), got[j], got[j][-1])
+            timings[i] = Timing(float(w.arrival[i]), got[j], got[j][-1] if got[j] else now(), error)
     out = summarize(w, timings, now())
     out.update(warmup_seconds=warm_s, batches=len(batches))
     out["timings"] = [dataclasses.asdict(t) for t in timings]
