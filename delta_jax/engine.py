@@ -219,8 +219,8 @@ class Engine:
         width = cache.ladder(cache.pages_for(max_seq_len, ps))
         shards = self._data_shards()
         act = memory.prefill_bytes(self.config, 1, prefill_length(max_seq_len), self.dtype, self._model_shards())
-        if num_pages is None:  # leave room for the longest prefill as XLA compiles it beside a full pool, when
-            # above the estimate (XLA schedules into the memory its arguments leave: a small pool inflates the figure)
+        if num_pages is None:  # leave room for the longest prefill as XLA compiles it beside a full pool (the
+            # pool that runs when it fits; a 2-page probe gave a far larger figure on an H100), when above the estimate
             probe = cache.CacheSpec.for_model(self.config, page_size=ps, num_pages=slots * width + shards,
                                               pages_per_seq=width, slots=slots, shards=shards,
                                               dtype=self._dtype_name())
