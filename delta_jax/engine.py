@@ -218,23 +218,34 @@ class Engine:
             raise ConfigError(f"max_seq_len={max_seq_len} exceeds the model's {self.max_seq_len}")
         width = cache.ladder(cache.pages_for(max_seq_len, ps))
         shards = self._data_shards()
-        act = memory.prefill_bytes(self.config, 1, prefill_length(max_seq_len), self.dtype, self._model_shards())
-        if num_pages is None:  # leave room for the longest prefill as XLA compiles it beside a full pool (the
-            # pool that runs when it fits; a 2-page probe gave a far larger figure on an H100), when above the estimate
-            probe = cache.CacheSpec.for_model(self.config, page_size=ps, num_pages=slots * width + shards,
-                                              pages_per_seq=width, slots=slots, shards=shards,
-                                              dtype=self._dtype_name())
-            act = max(act, self.steps.prefill_bytes(prefill, self.state, probe, 1, prefill_length(max_seq_len)) or 0)
+        longest = prefill_length(max_seq_len)
+        act = memory.prefill_bytes(self.config, 1, longest, self.dtype, self._model_shards())
+        auto = num_pages is None
+        if auto:  # what the free memory holds beside the estimated prefill; checked against XLA's figure below
             free, _ = memory.free_bytes()
             per_device = int((memory.HEADROOM * free / self._sharing() - act) // self._pool_bytes(shards, ps))
-            fit = per_device * shards - shards  # pages in all, less each shard's trash page
-            num_pages = max(shards * 2, min(slots * width + shards, fit + shards))
-        pool = self._pool_bytes(num_pages, ps)
-        memory.check({"KV cache": pool, "prefill activations": act}, devices_sharing=self._sharing(),
-                     hint="lower --max-seq-len, --slots or --kv-pages, or shard over more devices with --mesh model=N")
-        tokens = None if prefill_batch is None else prefill_batch * prefill_length(max_seq_len)
-        return Scheduler(self, prefill, decode, slots=slots, pages_per_seq=width, num_pages=num_pages, chunk=chunk,
-                         max_prefill_tokens=tokens)
+            num_pages = max(shards * 2, min(slots * width + shards, per_device * shards))
+        hint = "lower --max-seq-len, --slots or --kv-pages, or shard over more devices with --mesh model=N"
+        memory.check({"KV cache": self._pool_bytes(num_pages, ps), "prefill activations": act},
+                     devices_sharing=self._sharing(), hint=hint)
+        tokens = None if prefill_batch is None else prefill_batch * longest
+        make = lambda n: Scheduler(self, prefill, decode, slots=slots, pages_per_seq=width, num_pages=n,  # noqa: E731
+                                   chunk=chunk, max_prefill_tokens=tokens)
+        sched = make(num_pages)
+        for _ in range(4 if auto else 0):  # the longest prefill as XLA compiles it beside the allocated pool
+            need = self.steps.prefill_call_bytes(prefill, self.state, sched.pages, 1, longest, width)
+            free, what = memory.free_bytes()
+            short = (need or 0) - memory.HEADROOM * free / self._sharing()
+            if short <= 0:
+                break
+            fewer = (int(short) // self._pool_bytes(shards, ps) + 1) * shards
+            if sched.spec.num_pages - fewer < 2 * shards:
+                raise ConfigError(f"a prefill of {longest} tokens needs {need / memory.GiB:.1f} GiB of device memory "
+                                  f"(XLA's figure) and {what} is {free / memory.GiB:.1f} GiB beside the smallest KV "
+                                  f"cache; {hint}")
+            sched.close()
+            sched = make(sched.spec.num_pages - fewer)
+        return sched
 
     def _data_shards(self) -> int:
         return self.mesh.shape["data"] if self.mesh is not None else 1

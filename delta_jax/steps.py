@@ -71,6 +71,13 @@ class Steps:
     def _run(self, key, make, args, what: Optional[str], fits: Optional[str] = None):
         """Compiles (once per signature) and calls; with `fits` (what to change if it does not fit), first
         checks what the call allocates against the device's free memory (`memory.DoesNotFit`)."""
+        compiled = self._compile(key, make, args, what)
+        if fits is not None:
+            memory.check_call(compiled, what, fits, self.mesh)
+        return compiled(*args)
+
+    def _compile(self, key, make, args, what: Optional[str]):
+        """The executable for `args` (compiled once per signature; `what` is logged)."""
         from delta_jax.delta import KERNEL_BACKEND
         key = (*key, KERNEL_BACKEND)  # the kernel path is part of what a compile means
         if key not in self._fns:
@@ -85,9 +92,7 @@ class Steps:
             self.last_compile_seconds = time.perf_counter() - t0
             self.compile_seconds += self.last_compile_seconds
             _log(f"compiled {what} in {self.last_compile_seconds:.1f}s", self.progress and what is not None)
-        if fits is not None:
-            memory.check_call(self._compiled[sig], what, fits, self.mesh)
-        return self._compiled[sig](*args)
+        return self._compiled[sig]
 
     def _signature(self, tree):
         """Shapes, dtypes and shardings of `tree`'s leaves; remembered per object for the model state (its
@@ -139,22 +144,16 @@ class Steps:
                          f"prefill {method.method} for {tuple(tokens.shape)}",
                          fits="a shorter prompt, a smaller KV cache (--kv-pages, --max-seq-len) or --mesh model=N")
 
-    def prefill_bytes(self, method: PrefillConfig, state, spec, batch: int, tokens: int) -> Optional[int]:
-        """XLA's figure (`memory.call_bytes`) for one prefill of `batch x tokens` into a pool shaped by `spec`
-        (`delta_jax.cache.CacheSpec`), compiled from shapes alone: nothing is allocated. None when the backend
-        gives no figure."""
-        shape = cache.pool_shape(spec)
-        sh = None if self.mesh is None else sharding.pool_sharding(shape, self.mesh)
-        page = jax.ShapeDtypeStruct(shape, jnp.dtype(spec.dtype), sharding=sh)
-        pages = tuple((page, page) for _ in range(spec.num_layers))
-        ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-        floats = jax.ShapeDtypeStruct((batch,), jnp.float32)
-        _, make = self._prefill_jit(method, "greedy", pages)
-        _log(f"sizing the prefill of {batch} x {tokens} tokens", self.progress)
-        with sharding.use_mesh(self.mesh):
-            compiled = make().lower(state, pages, ints(batch, tokens), ints(batch), ints(batch, spec.pages_per_seq),
-                                    ints(batch), ints(batch), floats, floats).compile()
-        return memory.call_bytes(compiled)
+    def prefill_call_bytes(self, method: PrefillConfig, state, pages, batch: int, tokens: int,
+                           pages_per_seq: int) -> Optional[int]:
+        """XLA's figure (`memory.call_bytes`) for one greedy prefill of `batch x tokens` into `pages` (the pool
+        that will run it, allocated), compiled as `prefill` compiles it and kept for its calls. None when the
+        backend gives no figure."""
+        ints = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
+        args = (state, pages, ints(batch, tokens), jnp.ones((batch,), jnp.int32), ints(batch, pages_per_seq),
+                ints(batch), ints(batch), jnp.zeros((batch,), jnp.float32), jnp.ones((batch,), jnp.float32))
+        key, make = self._prefill_jit(method, "greedy", pages)
+        return memory.call_bytes(self._compile(key, make, args, f"prefill {method.method} for {(batch, tokens)}"))
 
     # ------------------------------------------------------------------ slots
     def insert(self, slots: Slots, index, rows: Slots) -> Slots:

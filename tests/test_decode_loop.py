@@ -184,16 +184,40 @@ def test_a_prefill_batch_that_does_not_fit_is_split_and_a_single_one_refused(eng
 
 
 def test_a_server_pool_leaves_room_for_the_longest_prefill_as_xla_compiles_it(engine, monkeypatch):
-    """The pool that `Engine.scheduler` sizes from the free memory leaves XLA's own figure for one prefill of
-    max_seq_len tokens (compiled from shapes alone) when it exceeds the estimate."""
+    """`Engine.scheduler` sizes its pool from the free memory, then compiles the longest prefill beside the
+    allocated pool and gives pages back until XLA's figure for it fits the memory left; the executable is kept."""
+    from delta_jax import cache as cache_mod
     from delta_jax import memory
-    free = 64 << 20
-    monkeypatch.setattr(memory, "free_bytes", lambda devices=None: (free, "free (test)"))
-    estimated = engine.scheduler(slots=64, max_seq_len=512).spec.num_pages
-    monkeypatch.setattr(memory, "call_bytes", lambda compiled: 32 << 20)
-    page = memory.kv_bytes_per_token(CFG, jnp.float32) * 16
+    total, held = 64 << 20, {}
+    real_pool = cache_mod.empty_pool
+
+    def pool(spec, sh=None):
+        held["bytes"] = spec.nbytes()
+        return real_pool(spec, sh)
+
+    monkeypatch.setattr(cache_mod, "empty_pool", pool)
+    monkeypatch.setattr(memory, "free_bytes", lambda devices=None: (total - held.get("bytes", 0), "free (test)"))
+    first = engine.scheduler(slots=64, max_seq_len=512)
+    estimated = first.spec.num_pages
+    assert estimated < 64 * 32  # capped by the memory, not the slots
+    first.close()
+    held["bytes"] = 0
+    need = 24 << 20  # above the estimate for this small model
+    assert need > memory.prefill_bytes(CFG, 1, 512, jnp.float32)
+    monkeypatch.setattr(memory, "call_bytes", lambda compiled: need)
     sched = engine.scheduler(slots=64, max_seq_len=512)
-    assert sched.spec.num_pages == int((memory.HEADROOM * free - (32 << 20)) // page) < estimated
+    left = total - sched.spec.nbytes()
+    assert sched.spec.num_pages < estimated and need <= memory.HEADROOM * left
+    page = memory.kv_bytes_per_token(CFG, jnp.float32) * 16
+    assert need > memory.HEADROOM * (left - 2 * page)  # no more pages given back than needed
+    prefills = lambda: sum(sig[0][0] == "prefill" for sig in engine.steps._compiled)  # noqa: E731
+    before = prefills()
+    r = sched.submit(Request(prompt=[1 + i % 90 for i in range(400)], max_tokens=3))
+    sched.run()
+    assert len(r.tokens) == 3 and not r.error and prefills() == before
+    monkeypatch.setattr(memory, "call_bytes", lambda compiled: total)
+    with pytest.raises(ConfigError, match=r"a prefill of 512 tokens needs 0\.1 GiB of device memory \(XLA's figure\)"):
+        engine.scheduler(slots=64, max_seq_len=512)
 
 
 def test_a_million_tokens_of_llama_8b_on_one_gpu_is_refused():
