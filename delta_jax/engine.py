@@ -233,9 +233,8 @@ class Engine:
                                    chunk=chunk, max_prefill_tokens=tokens)
         sched = make(num_pages)
         for _ in range(4 if auto else 0):  # the longest prefill as XLA compiles it beside the allocated pool
-            need = self.steps.prefill_call_bytes(prefill, self.state, sched.pages, 1, longest, width)
-            free, what = memory.free_bytes()
-            short = (need or 0) - memory.HEADROOM * free / self._sharing()
+            compiled = self.steps.compile_prefill(prefill, self.state, sched.pages, 1, longest, width)
+            short, need, free, what = memory.shortfall(compiled, self.mesh)
             if short <= 0:
                 break
             fewer = (int(short) // self._pool_bytes(shards, ps) + 1) * shards

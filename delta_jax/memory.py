@@ -68,15 +68,23 @@ def devices_sharing(mesh) -> int:
     return mesh.devices.size
 
 
+def shortfall(compiled, mesh=None) -> tuple[float, Optional[int], int, str]:
+    """(bytes per device by which one call of `compiled` on `mesh` overruns its share of the free memory, <= 0 when
+    it fits; XLA's figure per device, None when the backend gives none; free bytes; what they are)."""
+    need = call_bytes(compiled)
+    free, where = free_bytes()
+    short = -1.0 if need is None else need - HEADROOM * free / devices_sharing(mesh)
+    return short, need, free, where
+
+
 def check_call(compiled, what: str, hint: str, mesh=None) -> None:
     """Raises DoesNotFit naming both figures when a call of `compiled` (per device, on `mesh`) cannot fit the
     device's free memory."""
-    need = call_bytes(compiled)
+    short, need, free, where = shortfall(compiled, mesh)
     if need is None:
         return
     need *= devices_sharing(mesh)
-    free, where = free_bytes()
-    if need > HEADROOM * free:
+    if short > 0:
         raise DoesNotFit(f"{what} needs {need / GiB:.1f} GiB of device memory (XLA's temporaries and outputs) but "
                          f"{free / GiB:.1f} GiB is {where}; {hint}")
     temp, block = temp_bytes(compiled), largest_free_block()

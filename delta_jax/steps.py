@@ -144,16 +144,14 @@ class Steps:
                          f"prefill {method.method} for {tuple(tokens.shape)}",
                          fits="a shorter prompt, a smaller KV cache (--kv-pages, --max-seq-len) or --mesh model=N")
 
-    def prefill_call_bytes(self, method: PrefillConfig, state, pages, batch: int, tokens: int,
-                           pages_per_seq: int) -> Optional[int]:
-        """XLA's figure (`memory.call_bytes`) for one greedy prefill of `batch x tokens` into `pages` (the pool
-        that will run it, allocated), compiled as `prefill` compiles it and kept for its calls. None when the
-        backend gives no figure."""
+    def compile_prefill(self, method: PrefillConfig, state, pages, batch: int, tokens: int, pages_per_seq: int):
+        """The greedy prefill of `batch x tokens` into `pages` (the allocated pool that will run it), compiled as
+        `prefill` compiles it and kept for its calls (for `memory.shortfall`)."""
         ints = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
         args = (state, pages, ints(batch, tokens), jnp.ones((batch,), jnp.int32), ints(batch, pages_per_seq),
                 ints(batch), ints(batch), jnp.zeros((batch,), jnp.float32), jnp.ones((batch,), jnp.float32))
         key, make = self._prefill_jit(method, "greedy", pages)
-        return memory.call_bytes(self._compile(key, make, args, f"prefill {method.method} for {(batch, tokens)}"))
+        return self._compile(key, make, args, f"prefill {method.method} for {(batch, tokens)}")
 
     # ------------------------------------------------------------------ slots
     def insert(self, slots: Slots, index, rows: Slots) -> Slots:
