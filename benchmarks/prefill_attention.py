@@ -175,6 +175,9 @@ def methods(args, backend, interpret, bs, rbs=None, fbs=None):
         "cudnn_window": lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation="cudnn", local_window_size=(w - 1, 0)),
         "ours_window": lambda q, k, v: sp.sparse_attention(q, k, v, window=w, sinks=s, **kw),
+        "ours_window_triton": lambda q, k, v: sp.sparse_attention(
+            q, k, v, window=w, sinks=s, **dict(kw, block_sizes=dataclasses.replace(
+                bs or sp.default_block_sizes(backend, q.shape[-1], "sparse", q.dtype), hopper=False))),
         "ours_rows": lambda q, k, v: sp.exact_rows_attention(q, k, v, sp.delta_rows(q.shape[1], g, g), **rkw),
         "ours_delta": lambda q, k, v: sp.delta_attention(q, k, v, window=w, sinks=s, gamma=g, tail=g,
                                                          rows_block_sizes=rbs, **kw),
@@ -182,8 +185,8 @@ def methods(args, backend, interpret, bs, rbs=None, fbs=None):
                                                           variant="taylor", rows_block_sizes=rbs,
                                                           far_block_sizes=fbs, **kw),
     }
-    if backend != "gpu":
-        del out["cudnn_dense"], out["cudnn_window"]
+    if backend != "gpu":  # the Triton window kernel is ours_window there
+        del out["cudnn_dense"], out["cudnn_window"], out["ours_window_triton"]
     return {name: jax.jit(f) for name, f in out.items()}
 
 
@@ -192,6 +195,7 @@ def entries_of(name, T, args):
     rows = entries_rows(np.asarray(sp.delta_rows(T, g, g))[0])
     return {"xla_dense": entries_dense(T), "cudnn_dense": entries_dense(T),
             "cudnn_window": entries_window(T, w, 0), "ours_window": entries_window(T, w, s),
+            "ours_window_triton": entries_window(T, w, s),
             "ours_rows": rows, "ours_delta": entries_window(T, w, s) + rows,
             "ours_taylor": entries_taylor(T, w, s, g)}[name]
 
@@ -238,7 +242,7 @@ def run_benchmark(args, backend, interpret, bs, deadline, log, rbs=None, fbs=Non
                 log(f"  {name} T={T}: {msg}")
         for base in ("cudnn_dense", "cudnn_window"):
             bt = row.get(base, {}).get("seconds")
-            for name in ("ours_window", "ours_rows", "ours_delta", "ours_taylor"):
+            for name in ("ours_window", "ours_window_triton", "ours_rows", "ours_delta", "ours_taylor"):
                 t = row.get(name, {}).get("seconds")
                 if bt and t:
                     row[name][f"speedup_vs_{base}"] = bt / t
@@ -300,7 +304,7 @@ def run_tune(args, backend, interpret, deadline, log):
             if kind == "window":
                 bq, bk, nw, ns, fold, one_loop = var + (False,) * (6 - len(var))
                 bs = sp.BlockSizes(block_q=bq, block_k=bk, num_warps=nw, num_stages=ns, fold_heads=fold,
-                                   one_loop=one_loop)
+                                   one_loop=one_loop, hopper=False)
                 f = jax.jit(lambda q, k, v, bs=bs: sp.sparse_attention(
                     q, k, v, window=w, sinks=s, backend=backend, interpret=interpret, block_sizes=bs))
             elif kind == "rows":
@@ -369,7 +373,8 @@ def run_check(args, backend, interpret, tiles, info, log, path):
 
 
 def print_table(results, ceiling):
-    cols = ["xla_dense", "cudnn_dense", "cudnn_window", "ours_window", "ours_rows", "ours_delta", "ours_taylor"]
+    cols = ["xla_dense", "cudnn_dense", "cudnn_window", "ours_window", "ours_window_triton", "ours_rows", "ours_delta",
+            "ours_taylor"]
     print(f"\nbf16 matmul ceiling {ceiling / 1e12:.0f} TFLOP/s; times in ms (TFLOP/s on computed scores)")
     print(f"{'T':>8} " + " ".join(f"{c:>20}" for c in cols)
           + f" {'delta/cudnn':>11} {'taylor/cudnn':>12} {'win/cudnnW':>10}")
@@ -395,7 +400,8 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 5))
-    for name in ["xla_dense", "cudnn_dense", "cudnn_window", "ours_window", "ours_rows", "ours_delta", "ours_taylor"]:
+    for name in ["xla_dense", "cudnn_dense", "cudnn_window", "ours_window", "ours_window_triton", "ours_rows",
+                 "ours_delta", "ours_taylor"]:
         pts = [(r["T"], r[name]["seconds"]) for r in results if "seconds" in r.get(name, {})]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=name)

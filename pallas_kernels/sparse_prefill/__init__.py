@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Optional
 
 import jax
@@ -31,7 +32,7 @@ import numpy as np
 
 from pallas_kernels import pick_backend
 
-from . import gpu, tpu, xla
+from . import gpu, hopper, tpu, xla
 from .correction import (CORRECTIONS, VARIANTS, delta_correct, delta_rows, finish_rows, max_tail_rows,
                          tail_rows, taylor_combine)
 from .schedule import FAR, Listed, phase_ranges, window_ranges, window_steps
@@ -61,6 +62,8 @@ class BlockSizes:
       group is a power of two dividing block_q).
     one_loop: gpu window kernel: walk the sink blocks, the band edges and the interior in one
       loop with every block masked (else four loops, the interior unmasked).
+    hopper: gpu window kernel on a Hopper GPU with bf16/f16 operands: the Mosaic GPU kernel
+      (`hopper.py`, wgmma and TMA, its own `HopperBlocks`) instead of the Triton one.
     """
 
     block_q: int = 128
@@ -70,6 +73,7 @@ class BlockSizes:
     num_stages: int = 2
     fold_heads: bool = False
     one_loop: bool = False
+    hopper: bool = True
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "block_rows"):
@@ -220,6 +224,12 @@ def _attend_rows(q, k, v, rows, *, window, sinks, backend, interpret, bs, gather
         rows = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     rows = rows.astype(jnp.int32)
     R = rows.shape[1]
+    if backend == "gpu" and not gathered and bs.hopper and not interpret and hopper.supported(q, k):
+        blocks = hopper.HopperBlocks()
+        tq = _round_up(T, math.lcm(2 * blocks.block_q, blocks.block_k))
+        out, lse = hopper.attend_window(_pad_seq(q, tq), _pad_seq(k, tq), _pad_seq(v, tq), window=window,
+                                        sinks=sinks, gamma=gamma, blocks=blocks)
+        return out[:, :T], lse[:, :, :T]
     fold = (backend == "gpu" and bs.fold_heads and group > 1 and group & (group - 1) == 0
             and bs.block_q % group == 0)
     if fold and not gathered:
