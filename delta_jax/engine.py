@@ -16,7 +16,7 @@ from flax import nnx
 from delta_jax import cache, memory
 from delta_jax.config import ConfigError, DecodeConfig, ModelConfig, PrefillConfig
 from delta_jax.model import Decoder
-from delta_jax.scheduler import Request, Scheduler, check_prompt, prefill_length
+from delta_jax.scheduler import Request, Scheduler, check_prompt, prefill_length, prefill_lengths
 from delta_jax.steps import Steps
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -232,14 +232,19 @@ class Engine:
         make = lambda n: Scheduler(self, prefill, decode, slots=slots, pages_per_seq=width, num_pages=n,  # noqa: E731
                                    chunk=chunk, max_prefill_tokens=tokens)
         sched = make(num_pages)
-        for _ in range(4 if auto else 0):  # the longest prefill as XLA compiles it beside the allocated pool
-            compiled = self.steps.compile_prefill(prefill, self.state, sched.pages, 1, longest, width)
-            short, need, free, what = memory.shortfall(compiled, self.mesh)
+        # the long prefills as XLA compiles them beside the allocated pool (its figure is not monotone in the
+        # length: on an H100 one of 32,768 tokens asked more than one of 36,864), giving pages back until the
+        # worst fits; the executables are kept for the calls
+        lengths = prefill_lengths(longest // 2 + 1, longest)
+        for _ in range(4 if auto else 0):
+            short, need, free, what, tokens = max(
+                (memory.shortfall(self.steps.compile_prefill(prefill, self.state, sched.pages, 1, t, width),
+                                  self.mesh) + (t,) for t in lengths), key=lambda r: r[0])
             if short <= 0:
                 break
             fewer = (int(short) // self._pool_bytes(shards, ps) + 1) * shards
             if sched.spec.num_pages - fewer < 2 * shards:
-                raise ConfigError(f"a prefill of {longest} tokens needs {need / memory.GiB:.1f} GiB of device memory "
+                raise ConfigError(f"a prefill of {tokens} tokens needs {need / memory.GiB:.1f} GiB of device memory "
                                   f"(XLA's figure) and {what} is {free / memory.GiB:.1f} GiB beside the smallest KV "
                                   f"cache; {hint}")
             sched.close()

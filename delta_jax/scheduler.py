@@ -413,6 +413,14 @@ def prefill_length(n: int) -> int:
     return -(-cache.ladder(n, 128) // 128) * 128
 
 
+def prefill_lengths(lo: int, hi: int) -> list[int]:
+    """The compiled prompt lengths of prompts of `lo` to `hi` tokens, shortest first."""
+    out = [prefill_length(lo)]
+    while out[-1] < prefill_length(hi):
+        out.append(prefill_length(out[-1] + 1))
+    return out
+
+
 def _quantile(xs: list, q: float) -> Optional[float]:
     if not xs:
         return None
