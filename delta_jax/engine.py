@@ -240,6 +240,9 @@ class Engine:
             short, need, free, what, tokens = max(
                 (memory.shortfall(self.steps.compile_prefill(prefill, self.state, sched.pages, 1, t, width),
                                   self.mesh) + (t,) for t in lengths), key=lambda r: r[0])
+            if need is not None:
+                _log(f"KV pool of {sched.spec.num_pages} pages: the worst prefill ({tokens} tokens) needs "
+                     f"{need / memory.GiB:.1f} GiB (XLA's figure), {free / memory.GiB:.1f} GiB is {what}", self.progress)
             if short <= 0:
                 break
             fewer = (int(short) // self._pool_bytes(shards, ps) + 1) * shards
