@@ -1,4 +1,5 @@
-"""Our window + sinks kernel beside cuDNN's sliding window, one call each, for Nsight Compute.
+"""Our window + sinks kernels (Mosaic GPU on Hopper, Triton) beside cuDNN's sliding window, one call each, for
+Nsight Compute.
 
 Llama-3.1-8B attention shapes (32 q heads, 8 kv heads, head_dim 128, bf16, batch 1), window 2048, sinks 64
 (cuDNN: window only). Each function runs twice (compile, then the profiled launch) with a marker line between;
@@ -32,7 +33,7 @@ def main(argv=None):
     p.add_argument("--len", type=int, default=131072)
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--sinks", type=int, default=64)
-    p.add_argument("--one-loop", action="store_true", help="our kernel with BlockSizes.one_loop")
+    p.add_argument("--one-loop", action="store_true", help="the Triton kernel with BlockSizes.one_loop")
     a = p.parse_args(argv)
     q, k, v = make_inputs(a.len, 1, 32, 8, 128, jnp.bfloat16)
     bs = sp.default_block_sizes("gpu", 128, "sparse", jnp.bfloat16)
@@ -43,6 +44,8 @@ def main(argv=None):
             q, k, v, is_causal=True, implementation="cudnn", local_window_size=(a.window - 1, 0))),
         "ours_window": jax.jit(lambda q, k, v: sp.sparse_attention(
             q, k, v, window=a.window, sinks=a.sinks, backend="gpu", block_sizes=bs)),
+        "ours_window_triton": jax.jit(lambda q, k, v: sp.sparse_attention(
+            q, k, v, window=a.window, sinks=a.sinks, backend="gpu", block_sizes=dataclasses.replace(bs, hopper=False))),
     }
     for name, fn in fns.items():
         fn(q, k, v).block_until_ready()

@@ -214,7 +214,7 @@ def attend_window(q, k, v, *, window, sinks, gamma=None, blocks: HopperBlocks = 
                 plgpu.barrier_wait(k_free.at[slot])
                 plgpu.barrier_wait(v_free.at[slot])
 
-    def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
+    def sparse_prefill_hopper(q_ref, k_ref, v_ref, out_ref, lse_ref):  # named for profilers
         transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         pl.run_scoped(
             lambda *scoped: kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped),
@@ -229,7 +229,7 @@ def attend_window(q, k, v, *, window, sinks, gamma=None, blocks: HopperBlocks = 
         )
 
     return plgpu.kernel(
-        entry,
+        sparse_prefill_hopper,
         out_type=[jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
         grid=(H, T // (2 * bq), B),
         grid_names=("heads", "q_seq", "batch"),
