@@ -12,18 +12,18 @@ from pallas_kernels.sparse_prefill.schedule import valid_mask
 from .test_sparse_prefill import _inputs, ref64, rel_err
 
 
-@pytest.mark.parametrize("T,H,Hkv,window,sinks,gamma,blocks", [
-    (512, 4, 2, 100, 16, None, (64, 64, 2)),    # band edges inside blocks, sinks in a part block
-    (512, 2, 1, 128, 0, None, (64, 64, 3)),     # no sinks, three slots
-    (512, 2, 1, 96, 16, 32, (64, 64, 2)),       # the taylor local keys (block-aligned window)
-    (384, 2, 2, 1000, 8, None, (64, 128, 2)),   # window past the sequence: dense causal
+@pytest.mark.parametrize("B,T,H,Hkv,window,sinks,gamma,blocks", [
+    (1, 512, 4, 2, 100, 16, None, (64, 64, 2)),    # band edges inside blocks, sinks in a part block
+    (1, 512, 2, 1, 128, 0, None, (64, 64, 3)),     # no sinks, three slots
+    (1, 512, 2, 1, 96, 16, 32, (64, 64, 2)),       # the taylor local keys (block-aligned window)
+    (2, 384, 2, 2, 1000, 8, None, (64, 128, 2)),   # window past the sequence: dense causal; a batch
 ])
-def test_hopper_window_matches_reference(T, H, Hkv, window, sinks, gamma, blocks):
-    q, k, v = _inputs(T + window, 1, T, H, Hkv, dtype=jnp.float16)
+def test_hopper_window_matches_reference(B, T, H, Hkv, window, sinks, gamma, blocks):
+    q, k, v = _inputs(T + window, B, T, H, Hkv, dtype=jnp.float16)
     out, lse = hopper.attend_window(q, k, v, window=window, sinks=sinks, gamma=gamma,
                                     blocks=hopper.HopperBlocks(*blocks), interpret=InterpretGPUParams())
     pos = jnp.arange(T, dtype=jnp.int32)
-    mask = valid_mask(pos[:, None], pos[None, :], window, sinks, gamma)[None]
+    mask = jnp.broadcast_to(valid_mask(pos[:, None], pos[None, :], window, sinks, gamma), (B, T, T))
     want, want_lse = ref64(masked_attention, q, k, v, mask)
     assert rel_err(out, want) < 3e-3  # p is rounded to float16 before the value matmul, as on the GPU
     assert rel_err(lse, want_lse) < 1e-5
