@@ -88,6 +88,15 @@ def pool_shape(spec: CacheSpec) -> tuple[int, ...]:
     return (spec.kv_heads, spec.num_pages, spec.page_size, spec.head_dim)
 
 
+def abstract_pool(spec: CacheSpec, sharding=None):
+    """`empty_pool`'s shapes, dtypes and shardings (default: the first device), nothing allocated: what a prefill is
+    compiled against while the pool is being sized."""
+    shape, dtype = pool_shape(spec), jnp.dtype(spec.dtype)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    page = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    return tuple((page, page) for _ in range(spec.num_layers))
+
+
 def empty_pool(spec: CacheSpec, sharding=None):
     """Zeroed pages: a tuple per layer of (k_pages, v_pages) `[kv_heads, num_pages, page_size, head_dim]`."""
     shape, dtype = pool_shape(spec), jnp.dtype(spec.dtype)

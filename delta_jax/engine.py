@@ -218,6 +218,7 @@ class Engine:
             raise ConfigError(f"max_seq_len={max_seq_len} exceeds the model's {self.max_seq_len}")
         width = cache.ladder(cache.pages_for(max_seq_len, ps))
         shards = self._data_shards()
+        slots = -(-slots // shards) * shards  # the rows each data shard holds, every one at full length
         longest = prefill_length(max_seq_len)
         act = memory.prefill_bytes(self.config, 1, longest, self.dtype, self._model_shards())
         auto = num_pages is None
@@ -228,31 +229,41 @@ class Engine:
         hint = "lower --max-seq-len, --slots or --kv-pages, or shard over more devices with --mesh model=N"
         memory.check({"KV cache": self._pool_bytes(num_pages, ps), "prefill activations": act},
                      devices_sharing=self._sharing(), hint=hint)
-        tokens = None if prefill_batch is None else prefill_batch * longest
-        make = lambda n: Scheduler(self, prefill, decode, slots=slots, pages_per_seq=width, num_pages=n,  # noqa: E731
-                                   chunk=chunk, max_prefill_tokens=tokens)
-        sched = make(num_pages)
-        # the long prefills as XLA compiles them beside the allocated pool (its figure is not monotone in the
-        # length: on an H100 one of 32,768 tokens asked more than one of 36,864), giving pages back until the
-        # worst fits; the executables are kept for the calls
+        if auto:
+            num_pages = self._fit_pool(prefill, decode, slots, width, num_pages, longest, hint)
+        return Scheduler(self, prefill, decode, slots=slots, pages_per_seq=width, num_pages=num_pages, chunk=chunk,
+                         max_prefill_tokens=None if prefill_batch is None else prefill_batch * longest)
+
+    def _fit_pool(self, prefill: PrefillConfig, decode: DecodeConfig, slots: int, width: int, num_pages: int,
+                  longest: int, hint: str) -> int:
+        """Pages of a pool beside which XLA's figure for every prefill of the longest octave fits the free memory
+        and its temporaries the largest free block (the figure is not monotone in the length and depends on the
+        pool's size). The prefills are compiled against the pool's shapes before it exists, so the pool is
+        allocated once, without leaving holes; the executables are kept for the calls."""
+        shards = self._data_shards()
+        page = self._pool_bytes(shards, decode.page_size) / shards  # bytes per device of one page
         lengths = prefill_lengths(longest // 2 + 1, longest)
-        for _ in range(4 if auto else 0):
-            short, need, free, what, tokens = max(
-                (memory.shortfall(self.steps.compile_prefill(prefill, self.state, sched.pages, 1, t, width),
-                                  self.mesh) + (t,) for t in lengths), key=lambda r: r[0])
+        for _ in range(4):
+            spec = Scheduler.cache_spec(self, decode, slots=slots, pages_per_seq=width, num_pages=num_pages)
+            pool = cache.abstract_pool(spec, Scheduler.pool_sharding(self, spec))
+            reserve = self._pool_bytes(spec.num_pages, decode.page_size)
+            short, need, free, what, worst = max(
+                (memory.shortfall(self.steps.compile_prefill(prefill, self.state, pool, 1, t, width), self.mesh,
+                                  reserve) + (t,) for t in lengths), key=lambda r: r[0])
             if need is not None:
-                _log(f"KV pool of {sched.spec.num_pages} pages: the worst prefill ({tokens} tokens) needs "
-                     f"{need / memory.GiB:.1f} GiB (XLA's figure), {free / memory.GiB:.1f} GiB is {what}", self.progress)
+                _log(f"KV pool of {spec.num_pages} pages: the worst prefill ({worst} tokens) needs "
+                     f"{need / memory.GiB:.1f} GiB (XLA's figure), {free / memory.GiB:.1f} GiB is {what} beside it",
+                     self.progress)
             if short <= 0:
-                break
-            fewer = (int(short) // self._pool_bytes(shards, ps) + 1) * shards
-            if sched.spec.num_pages - fewer < 2 * shards:
-                raise ConfigError(f"a prefill of {tokens} tokens needs {need / memory.GiB:.1f} GiB of device memory "
-                                  f"(XLA's figure) and {what} is {free / memory.GiB:.1f} GiB beside the smallest KV "
-                                  f"cache; {hint}")
-            sched.close()
-            sched = make(sched.spec.num_pages - fewer)
-        return sched
+                return spec.num_pages
+            fewer = (int(short / (memory.HEADROOM * page)) // shards + 1) * shards
+            if spec.num_pages - fewer < 2 * shards:
+                raise ConfigError(f"a prefill of {worst} tokens needs {need / memory.GiB:.1f} GiB of device memory "
+                                  f"(XLA's figure) and {what} is {(free + reserve) / memory.GiB:.1f} GiB before the "
+                                  f"KV cache; {hint}")
+            num_pages = spec.num_pages - fewer
+        raise ConfigError(f"no KV cache size found in 4 tries beside which every prefill of up to {longest} tokens "
+                          f"fits (XLA's figure for {worst} tokens: {need / memory.GiB:.1f} GiB); {hint}")
 
     def _data_shards(self) -> int:
         return self.mesh.shape["data"] if self.mesh is not None else 1

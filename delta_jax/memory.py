@@ -68,12 +68,18 @@ def devices_sharing(mesh) -> int:
     return mesh.devices.size
 
 
-def shortfall(compiled, mesh=None) -> tuple[float, Optional[int], int, str]:
-    """(bytes per device by which one call of `compiled` on `mesh` overruns its share of the free memory, <= 0 when
-    it fits; XLA's figure per device, None when the backend gives none; free bytes; what they are)."""
+def shortfall(compiled, mesh=None, reserve: int = 0) -> tuple[float, Optional[int], int, str]:
+    """(bytes per device by which one call of `compiled` on `mesh` overruns its share of the free memory or its
+    temporaries the largest free block, <= 0 when it fits; XLA's figure per device, None when the backend gives
+    none; free bytes; what they are). `reserve`: bytes per device about to be taken from the largest free block
+    first (a pool being sized)."""
     need = call_bytes(compiled)
     free, where = free_bytes()
+    free -= reserve * devices_sharing(mesh)
     short = -1.0 if need is None else need - HEADROOM * free / devices_sharing(mesh)
+    temp, block = temp_bytes(compiled), largest_free_block()
+    if temp is not None and block is not None:
+        short = max(short, temp - (block - reserve))
     return short, need, free, where
 
 
@@ -81,16 +87,14 @@ def check_call(compiled, what: str, hint: str, mesh=None) -> None:
     """Raises DoesNotFit naming both figures when a call of `compiled` (per device, on `mesh`) cannot fit the
     device's free memory."""
     short, need, free, where = shortfall(compiled, mesh)
-    if need is None:
+    if need is None or short <= 0:
         return
-    need *= devices_sharing(mesh)
-    if short > 0:
-        raise DoesNotFit(f"{what} needs {need / GiB:.1f} GiB of device memory (XLA's temporaries and outputs) but "
-                         f"{free / GiB:.1f} GiB is {where}; {hint}")
     temp, block = temp_bytes(compiled), largest_free_block()
-    if temp is not None and block is not None and temp > block:
+    if need <= HEADROOM * free / devices_sharing(mesh) and temp is not None and block is not None and temp > block:
         raise DoesNotFit(f"{what} needs one block of {temp / GiB:.1f} GiB (XLA's temporaries) but the largest free "
                          f"block is {block / GiB:.1f} GiB ({free / GiB:.1f} GiB is {where}, fragmented); {hint}")
+    raise DoesNotFit(f"{what} needs {need * devices_sharing(mesh) / GiB:.1f} GiB of device memory (XLA's temporaries "
+                     f"and outputs) but {free / GiB:.1f} GiB is {where}; {hint}")
 
 
 def largest_free_block(devices=None) -> Optional[int]:

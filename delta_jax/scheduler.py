@@ -87,19 +87,14 @@ class Scheduler:
         if decode.method == "delta":
             decode.schedule(engine.config.num_layers)  # validate before compiling
         mesh = engine.mesh
-        shards = mesh.shape["data"] if mesh is not None else 1
-        slots = -(-slots // shards) * shards
-        num_pages = -(-num_pages // shards) * shards
-        self.spec = CacheSpec.for_model(engine.config, page_size=decode.page_size, num_pages=num_pages,
-                                        pages_per_seq=pages_per_seq, slots=slots, shards=shards,
-                                        dtype=jnp.dtype(engine.dtype).name)
+        self.spec = self.cache_spec(engine, decode, slots=slots, pages_per_seq=pages_per_seq, num_pages=num_pages)
+        slots = self.spec.slots
         self.chunk = int(chunk)
         if self.chunk < 1:
             raise ConfigError(f"chunk must be >= 1 decode steps, got {chunk}")
         self.max_prefill_tokens = max_prefill_tokens or self.spec.max_tokens
         self.alloc = PageAllocator(self.spec)
-        pool_sh = None if mesh is None else sharding.pool_sharding(cache.pool_shape(self.spec), mesh)
-        self.pages = cache.empty_pool(self.spec, pool_sh)
+        self.pages = cache.empty_pool(self.spec, self.pool_sharding(engine, self.spec))
         host = empty_slots(slots, pages_per_seq)
         if mesh is None:
             self.slots = Slots(*(jnp.asarray(x) for x in host))
@@ -146,11 +141,23 @@ class Scheduler:
         with self._lock:
             self._cancelled.add(request_id)
 
+    @staticmethod
+    def cache_spec(engine, decode: DecodeConfig, *, slots: int, pages_per_seq: int, num_pages: int) -> CacheSpec:
+        """The paged cache a scheduler of these sizes allocates (slots and pages rounded up to the data shards)."""
+        shards = engine.mesh.shape["data"] if engine.mesh is not None else 1
+        return CacheSpec.for_model(engine.config, page_size=decode.page_size, num_pages=-(-num_pages // shards) * shards,
+                                   pages_per_seq=pages_per_seq, slots=-(-slots // shards) * shards, shards=shards,
+                                   dtype=jnp.dtype(engine.dtype).name)
+
+    @staticmethod
+    def pool_sharding(engine, spec: CacheSpec):
+        """The pool's sharding on the engine's mesh (None: one device)."""
+        return None if engine.mesh is None else sharding.pool_sharding(cache.pool_shape(spec), engine.mesh)
+
     def close(self) -> None:
-        """Frees the KV pool's device memory now (the scheduler cannot step afterwards)."""
-        for layer in self.pages:
-            for x in layer:
-                x.delete()
+        """Frees the KV pool's and the slots' device memory now (the scheduler cannot step afterwards)."""
+        for x in [x for layer in self.pages for x in layer] + list(self.slots):
+            x.delete()
         self.pages = ()
 
     def has_work(self) -> bool:

@@ -145,8 +145,8 @@ class Steps:
                          fits="a shorter prompt, a smaller KV cache (--kv-pages, --max-seq-len) or --mesh model=N")
 
     def compile_prefill(self, method: PrefillConfig, state, pages, batch: int, tokens: int, pages_per_seq: int):
-        """The greedy prefill of `batch x tokens` into `pages` (the allocated pool that will run it), compiled as
-        `prefill` compiles it and kept for its calls (for `memory.shortfall`)."""
+        """The greedy prefill of `batch x tokens` into `pages` (the pool that will run it, or its
+        `cache.abstract_pool`), compiled as `prefill` compiles it and kept for its calls (for `memory.shortfall`)."""
         ints = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
         args = (state, pages, ints(batch, tokens), jnp.ones((batch,), jnp.int32), ints(batch, pages_per_seq),
                 ints(batch), ints(batch), jnp.zeros((batch,), jnp.float32), jnp.ones((batch,), jnp.float32))

@@ -9,6 +9,7 @@ SCRIPT = textwrap.dedent("""
     import numpy as np, jax
     from delta_jax.config import ModelConfig, PrefillConfig, DecodeConfig
     from delta_jax.engine import Engine
+    from delta_jax.scheduler import Request
     assert jax.device_count() == 8
     cfg = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=4,
                       num_heads=8, num_kv_heads=8, head_dim=64, max_position_embeddings=1024)
@@ -31,9 +32,16 @@ SCRIPT = textwrap.dedent("""
             assert [g.tokens for g in got] == [w.tokens for w in want[m]], (mesh, m)
         np.testing.assert_allclose(e.logits(prompts[0], prefill=pre), want_logits, atol=1e-5)
         # the paged KV cache is sharded: each device holds 1/8 of it (kv heads over model, pages over data)
-        k = e.scheduler(slots=2, max_seq_len=256).pages[0][0]
+        sched = e.scheduler(slots=2, max_seq_len=256)
+        k = sched.pages[0][0]
         per_device = {s.device: s.data.size for s in k.addressable_shards}
         assert all(n == k.size // 8 for n in per_device.values()), (mesh, per_device, k.sharding)
+        # the prefill compiled against the pool's shapes while sizing it runs the request
+        prefills = lambda: sum(sig[0][0] == "prefill" for sig in e.steps._compiled)
+        before = prefills()
+        r = sched.submit(Request(prompt=prompts[0], max_tokens=5))
+        sched.run()
+        assert r.tokens == want["dense"][0].tokens and prefills() == before, (mesh, prefills(), before)
         print("ok", mesh)
 """)
 
