@@ -92,6 +92,21 @@ def summarize(w: Workload, timings: list, seconds: float) -> dict:
             "total_tokens_per_second": (out_tokens + prompt_tokens) / seconds, "output_tokens": out_tokens}
 
 
+def ratios(runs: dict) -> tuple[dict, list]:
+    """Output-token throughput of dense and delta against static, and of delta against dense, between runs that
+    served every request (a ratio compares the same requests), and one line for each pair withheld."""
+    runs = {k: r for k, r in runs.items() if "output_tokens_per_second" in r}
+    pairs = [(k, base) for k, base in (("dense", "static"), ("delta", "static"), ("delta", "dense"))
+             if k in runs and base in runs]
+    given = {f"output tokens/s, {k} / {base}": runs[k]["output_tokens_per_second"] / runs[base]["output_tokens_per_second"]
+             for k, base in pairs if not runs[k]["failed"] and not runs[base]["failed"]}
+    withheld = [f"no {k} / {base} ratio: " + ", ".join(f"{n} refused {runs[n]['failed']} of "
+                                                        f"{runs[n]['failed'] + runs[n]['requests']} requests"
+                                                        for n in (k, base) if runs[n]["failed"])
+                for k, base in pairs if runs[k]["failed"] or runs[base]["failed"]]
+    return given, withheld
+
+
 # ---------------------------------------------------------------------------------------------- continuous batching
 async def _client(url: str, w: Workload, sched, poll: dict) -> tuple[list, float]:
     import httpx
@@ -266,6 +281,7 @@ def table(results: dict) -> str:
                      f"{r.get('peak_pages', '-'):>11} {r.get('max_running', '-'):>12}")
     for k, v in results.get("ratios", {}).items():
         lines.append(f"{k}: {v:.2f}x")
+    lines += results.get("ratios_withheld", [])
     c = results["capacity"]
     lines.append(f"{c['request_tokens']}-token requests held in {c['bytes'] / 2**30:.1f} GiB: paged {c['paged']}, "
                  + ", ".join(f"padded to {k} tokens {v}" for k, v in c["padded_by_row_tokens"].items()))
@@ -344,10 +360,7 @@ def main(argv=None):
         results["runs"][name] = r
         common.write_json(results, a.out, f"{a.name}.json")
     results["total_seconds"] = time.perf_counter() - t_start
-    tput = {k: r["output_tokens_per_second"] for k, r in results["runs"].items() if "timings" in r}
-    results["ratios"] = {f"output tokens/s, {k} / {base}": tput[k] / tput[base]
-                         for k, base in (("dense", "static"), ("delta", "static"), ("delta", "dense"))
-                         if k in tput and base in tput}
+    results["ratios"], results["ratios_withheld"] = ratios(results["runs"])
     path = common.write_json(results, a.out, f"{a.name}.json")
     plot(results, os.path.join(a.out, f"{a.name}.png"))
     print(table(results))
