@@ -247,9 +247,9 @@ class Engine:
             spec = Scheduler.cache_spec(self, decode, slots=slots, pages_per_seq=width, num_pages=num_pages)
             pool = cache.abstract_pool(spec, Scheduler.pool_sharding(self, spec))
             reserve = self._pool_bytes(spec.num_pages, decode.page_size)
-            short, need, free, what, worst = max(
-                (memory.shortfall(self.steps.compile_prefill(prefill, self.state, pool, 1, t, width), self.mesh,
-                                  reserve) + (t,) for t in lengths), key=lambda r: r[0])
+            fit, worst = max(((memory.shortfall(self.steps.compile_prefill(prefill, self.state, pool, 1, t, width),
+                                                self.mesh, reserve), t) for t in lengths), key=lambda r: r[0].short)
+            short, need, free, what = fit.short, fit.need, fit.free, fit.where
             if need is not None:
                 _log(f"KV pool of {spec.num_pages} pages: the worst prefill ({worst} tokens) needs "
                      f"{need / memory.GiB:.1f} GiB (XLA's figure), {free / memory.GiB:.1f} GiB is {what} beside it",

@@ -9,7 +9,7 @@ host's available memory, shared by every simulated device).
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -68,33 +68,47 @@ def devices_sharing(mesh) -> int:
     return mesh.devices.size
 
 
-def shortfall(compiled, mesh=None, reserve: int = 0) -> tuple[float, Optional[int], int, str]:
-    """(bytes per device by which one call of `compiled` on `mesh` overruns its share of the free memory or its
-    temporaries the largest free block, <= 0 when it fits; XLA's figure per device, None when the backend gives
-    none; free bytes; what they are). `reserve`: bytes per device about to be taken from the largest free block
-    first (a pool being sized)."""
+class Fit(NamedTuple):
+    """What `shortfall` found: `short` bytes per device by which a call overruns its share of the free memory or
+    its temporaries the largest free block (<= 0 when it fits); XLA's figure per device (`need`, None when the
+    backend gives none); the free bytes and what they are; XLA's temporaries and the largest free block (None
+    when not reported)."""
+    short: float
+    need: Optional[int]
+    free: int
+    where: str
+    temp: Optional[int]
+    block: Optional[int]
+
+
+def shortfall(compiled, mesh=None, reserve: int = 0) -> Fit:
+    """How one call of `compiled` on `mesh` fits the device's memory (`Fit`). `reserve`: bytes per device about
+    to be taken from the largest free block first (a pool being sized)."""
     need = call_bytes(compiled)
     free, where = free_bytes()
     free -= reserve * devices_sharing(mesh)
     short = -1.0 if need is None else need - HEADROOM * free / devices_sharing(mesh)
     temp, block = temp_bytes(compiled), largest_free_block()
-    if temp is not None and block is not None:
-        short = max(short, temp - (block - reserve))
-    return short, need, free, where
+    if block is not None:
+        block -= reserve
+        if temp is not None:
+            short = max(short, temp - block)
+    return Fit(short, need, free, where, temp, block)
 
 
 def check_call(compiled, what: str, hint: str, mesh=None) -> None:
     """Raises DoesNotFit naming both figures when a call of `compiled` (per device, on `mesh`) cannot fit the
     device's free memory."""
-    short, need, free, where = shortfall(compiled, mesh)
-    if need is None or short <= 0:
+    fit = shortfall(compiled, mesh)
+    if fit.need is None or fit.short <= 0:
         return
-    temp, block = temp_bytes(compiled), largest_free_block()
-    if need <= HEADROOM * free / devices_sharing(mesh) and temp is not None and block is not None and temp > block:
-        raise DoesNotFit(f"{what} needs one block of {temp / GiB:.1f} GiB (XLA's temporaries) but the largest free "
-                         f"block is {block / GiB:.1f} GiB ({free / GiB:.1f} GiB is {where}, fragmented); {hint}")
-    raise DoesNotFit(f"{what} needs {need * devices_sharing(mesh) / GiB:.1f} GiB of device memory (XLA's temporaries "
-                     f"and outputs) but {free / GiB:.1f} GiB is {where}; {hint}")
+    if fit.need <= HEADROOM * fit.free / devices_sharing(mesh) and fit.temp is not None and fit.block is not None \
+            and fit.temp > fit.block:
+        raise DoesNotFit(f"{what} needs one block of {fit.temp / GiB:.1f} GiB (XLA's temporaries) but the largest "
+                         f"free block is {fit.block / GiB:.1f} GiB ({fit.free / GiB:.1f} GiB is {fit.where}, "
+                         f"fragmented); {hint}")
+    raise DoesNotFit(f"{what} needs {fit.need * devices_sharing(mesh) / GiB:.1f} GiB of device memory (XLA's "
+                     f"temporaries and outputs) but {fit.free / GiB:.1f} GiB is {fit.where}; {hint}")
 
 
 def largest_free_block(devices=None) -> Optional[int]:
