@@ -85,12 +85,14 @@ class BlockSizes:
 KINDS = ("sparse", "rows", "far")
 SHARED_MEMORY = 232448  # bytes of shared memory one Triton program may use on Hopper (227 KiB)
 
-# H100-tuned tiles (benchmarks/results/prefill_attention_h100_run2*), shrunk by `_fit` where they
-# do not fit; "far": chosen to fit two float32 accumulators [block_rows, head_dim] (not tuned)
+# H100-tuned tiles, shrunk by `_fit` where they do not fit: "sparse" and "rows" from
+# benchmarks/results/prefill_attention_h100_run2*, "far" from
+# benchmarks/results/h100_2026-12-06/session4/prefill_attention_far_tuned_tune.json (26.8 ms at 256K
+# against 45.0 with 8 warps)
 _GPU_TILES = {
     "sparse": BlockSizes(block_q=64, block_k=64, block_rows=128, num_warps=4, num_stages=3, fold_heads=True),
     "rows": BlockSizes(block_q=128, block_k=128, block_rows=128, num_warps=8, num_stages=3),
-    "far": BlockSizes(block_q=64, block_k=64, block_rows=64, num_warps=8, num_stages=3),
+    "far": BlockSizes(block_q=64, block_k=64, block_rows=64, num_warps=4, num_stages=3),
 }
 
 
