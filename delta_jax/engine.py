@@ -249,21 +249,20 @@ class Engine:
             reserve = self._pool_bytes(spec.num_pages, decode.page_size)
             fit, worst = max(((memory.shortfall(self.steps.compile_prefill(prefill, self.state, pool, 1, t, width),
                                                 self.mesh, reserve), t) for t in lengths), key=lambda r: r[0].short)
-            short, need, free, what = fit.short, fit.need, fit.free, fit.where
-            if need is not None:
+            if fit.need is not None:
                 _log(f"KV pool of {spec.num_pages} pages: the worst prefill ({worst} tokens) needs "
-                     f"{need / memory.GiB:.1f} GiB (XLA's figure), {free / memory.GiB:.1f} GiB is {what} beside it",
-                     self.progress)
-            if short <= 0:
+                     f"{fit.need / memory.GiB:.1f} GiB (XLA's figure), {fit.free / memory.GiB:.1f} GiB is "
+                     f"{fit.where} beside it", self.progress)
+            if fit.short <= 0:
                 return spec.num_pages
-            fewer = (int(short / (memory.HEADROOM * page)) // shards + 1) * shards
+            fewer = (int(fit.short / (memory.HEADROOM * page)) // shards + 1) * shards
             if spec.num_pages - fewer < 2 * shards:
-                raise ConfigError(f"a prefill of {worst} tokens needs {need / memory.GiB:.1f} GiB of device memory "
-                                  f"(XLA's figure) and {what} is {(free + reserve) / memory.GiB:.1f} GiB before the "
-                                  f"KV cache; {hint}")
+                raise ConfigError(f"a prefill of {worst} tokens needs {fit.need / memory.GiB:.1f} GiB of device "
+                                  f"memory (XLA's figure) and {fit.where} is {(fit.free + reserve) / memory.GiB:.1f} "
+                                  f"GiB before the KV cache; {hint}")
             num_pages = spec.num_pages - fewer
         raise ConfigError(f"no KV cache size found in 4 tries beside which every prefill of up to {longest} tokens "
-                          f"fits (XLA's figure for {worst} tokens: {need / memory.GiB:.1f} GiB); {hint}")
+                          f"fits (XLA's figure for {worst} tokens: {fit.need / memory.GiB:.1f} GiB); {hint}")
 
     def _data_shards(self) -> int:
         return self.mesh.shape["data"] if self.mesh is not None else 1

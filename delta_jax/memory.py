@@ -70,10 +70,11 @@ def devices_sharing(mesh) -> int:
 
 class Fit(NamedTuple):
     """What `shortfall` found: `short` bytes per device by which a call overruns its share of the free memory or
-    its temporaries the largest free block (<= 0 when it fits); XLA's figure per device (`need`, None when the
-    backend gives none); the free bytes and what they are; XLA's temporaries and the largest free block (None
-    when not reported)."""
+    its temporaries the largest free block (<= 0 when it fits); `fragmented` when only the largest free block is
+    too small; XLA's figure per device (`need`, None when the backend gives none); the free bytes and what they
+    are; XLA's temporaries and the largest free block (None when not reported)."""
     short: float
+    fragmented: bool
     need: Optional[int]
     free: int
     where: str
@@ -87,13 +88,14 @@ def shortfall(compiled, mesh=None, reserve: int = 0) -> Fit:
     need = call_bytes(compiled)
     free, where = free_bytes()
     free -= reserve * devices_sharing(mesh)
-    short = -1.0 if need is None else need - HEADROOM * free / devices_sharing(mesh)
+    over_free = -1.0 if need is None else need - HEADROOM * free / devices_sharing(mesh)
     temp, block = temp_bytes(compiled), largest_free_block()
+    over_block = -1.0
     if block is not None:
         block -= reserve
         if temp is not None:
-            short = max(short, temp - block)
-    return Fit(short, need, free, where, temp, block)
+            over_block = temp - block
+    return Fit(max(over_free, over_block), over_free <= 0 < over_block, need, free, where, temp, block)
 
 
 def check_call(compiled, what: str, hint: str, mesh=None) -> None:
@@ -102,8 +104,7 @@ def check_call(compiled, what: str, hint: str, mesh=None) -> None:
     fit = shortfall(compiled, mesh)
     if fit.need is None or fit.short <= 0:
         return
-    if fit.need <= HEADROOM * fit.free / devices_sharing(mesh) and fit.temp is not None and fit.block is not None \
-            and fit.temp > fit.block:
+    if fit.fragmented:
         raise DoesNotFit(f"{what} needs one block of {fit.temp / GiB:.1f} GiB (XLA's temporaries) but the largest "
                          f"free block is {fit.block / GiB:.1f} GiB ({fit.free / GiB:.1f} GiB is {fit.where}, "
                          f"fragmented); {hint}")
