@@ -107,9 +107,17 @@ def check_call(compiled, what: str, hint: str, mesh=None) -> None:
     if fit.fragmented:
         raise DoesNotFit(f"{what} needs one block of {fit.temp / GiB:.1f} GiB (XLA's temporaries) but the largest "
                          f"free block is {fit.block / GiB:.1f} GiB ({fit.free / GiB:.1f} GiB is {fit.where}, "
-                         f"fragmented); {hint}")
-    raise DoesNotFit(f"{what} needs {fit.need * devices_sharing(mesh) / GiB:.1f} GiB of device memory (XLA's "
-                     f"temporaries and outputs) but {fit.free / GiB:.1f} GiB is {fit.where}; {hint}")
+                         f"fragmented); {hint}{_fraction_hint()}")
+    raise DoesNotFit(f"{what} needs {fit.need * devices_sharing(mesh) / GiB:.2f} GiB of device memory (XLA's "
+                     f"temporaries and outputs) but {fit.free / GiB:.2f} GiB is {fit.where}, of which a call may plan "
+                     f"on {HEADROOM:.0%}; {hint}{_fraction_hint()}")
+
+
+def _fraction_hint() -> str:
+    """On a GPU where jax keeps its default share of the memory, how to raise it (else empty)."""
+    if jax.default_backend() == "gpu" and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
+        return "; jax holds 75% of the GPU by default: XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 raises it"
+    return ""
 
 
 def largest_free_block(devices=None) -> Optional[int]:
@@ -139,7 +147,5 @@ def check(parts: dict[str, int], *, devices_sharing: int = 1, hint: str, free: O
     need = sum(parts.values()) * devices_sharing
     if need > HEADROOM * avail:
         detail = ", ".join(f"{k} {v * devices_sharing / GiB:.1f} GiB" for k, v in parts.items() if v)
-        gpu = jax.default_backend() == "gpu" and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ
-        extra = "; jax holds 75% of the GPU by default: XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 raises it" if gpu else ""
         raise ConfigError(f"this needs {need / GiB:.1f} GiB ({detail}) but {avail / GiB:.1f} GiB is {what} "
-                          f"(the weights already loaded); {hint}{extra}")
+                          f"(the weights already loaded); {hint}{_fraction_hint()}")

@@ -236,8 +236,9 @@ class Scheduler:
     def _prefill_tokens(self, group: Sequence[Request]) -> int:
         return cache.ladder(len(group)) * prefill_length(max(len(r.prompt) for r in group))
 
-    def _prefill(self, group: list[Request]) -> None:
-        """Prefills `group` in one batch into its pages and inserts the rows into their slots."""
+    def _prefill(self, group: list[Request], waited: bool = False) -> None:
+        """Prefills `group` in one batch into its pages and inserts the rows into their slots. A batch that does not
+        fit beside the decode chunk in flight (it holds its temporaries until it ends) is checked again after it."""
         b, t = cache.ladder(len(group)), prefill_length(max(len(r.prompt) for r in group))
         w = self.spec.pages_per_seq
         tokens = np.zeros((b, t), np.int32)
@@ -259,7 +260,11 @@ class Scheduler:
             first, self.pages = steps.prefill(self.prefill_method, self.engine.state, self.pages, *map(jnp.asarray, (
                 tokens, lengths, table, row_shard, seeds, temperature, top_p)), how=sampling.mode(temperature, top_p))
         except memory.DoesNotFit as e:
-            self._split(group, e)
+            if self._pending is not None and not waited:
+                jax.block_until_ready(self._pending[0])
+                self._prefill(group, waited=True)
+            else:
+                self._split(group, e)
             return
         first = np.asarray(first)
         seconds = time.perf_counter() - t0 - steps.last_compile_seconds

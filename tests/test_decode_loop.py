@@ -172,8 +172,9 @@ def test_a_prefill_batch_that_does_not_fit_is_split_and_a_single_one_refused(eng
         engine.generate(prompts[3:], max_new_tokens=5)
     monkeypatch.setattr(memory, "largest_free_block", lambda devices=None: None)
     monkeypatch.setattr(memory, "call_bytes", lambda c: 1 << 50)  # one prompt no longer fits either
-    with pytest.raises(ConfigError, match=r"prefill dense for \(1, \d+\) needs 1048576\.0 GiB of device memory .* but "
-                                          r"[\d.]+ GiB is free \(test\); a shorter prompt"):
+    with pytest.raises(ConfigError, match=r"prefill dense for \(1, \d+\) needs 1048576\.00 GiB of device memory .* but "
+                                          r"[\d.]+ GiB is free \(test\), of which a call may plan on 95%; a shorter "
+                                          r"prompt"):
         engine.generate(prompts[:1], max_new_tokens=5)
     sched = engine.scheduler(slots=2, max_seq_len=256, num_pages=40)
     r = sched.submit(Request(prompt=prompts[0], max_tokens=5))
@@ -181,6 +182,23 @@ def test_a_prefill_batch_that_does_not_fit_is_split_and_a_single_one_refused(eng
     assert r.finish_reason == "error" and "GiB is free (test)" in r.error and r.events.get_nowait()[0] == "refused"
     sched.step()
     assert sched.metrics()["pages_in_use"] == 0 and sched.metrics()["running"] == 0
+
+
+def test_a_prefill_that_does_not_fit_beside_the_chunk_in_flight_is_checked_again_after_it(engine, monkeypatch):
+    """The decode chunk in flight holds its temporaries until it ends: a prefill whose check fails while it runs is
+    checked once more after it (and then runs, same tokens as alone), instead of being refused."""
+    from delta_jax import memory
+    prompts = _prompts(2, (60, 90))
+    want = engine.generate(prompts[1:], max_new_tokens=5)[0].tokens
+    sched = engine.scheduler(slots=2, max_seq_len=256, num_pages=40)
+    first = sched.submit(Request(prompt=prompts[0], max_tokens=40))
+    sched.step()  # its prefill, and its first chunk in flight
+    assert sched.has_work() and not first.done
+    real, checks = memory.call_bytes, []
+    monkeypatch.setattr(memory, "call_bytes", lambda c: checks.append(c) or (1 << 50 if len(checks) == 1 else real(c)))
+    second = sched.submit(Request(prompt=prompts[1], max_tokens=5))
+    sched.run()
+    assert len(checks) == 2 and second.error is None and second.tokens == want and len(first.tokens) == 40
 
 
 def test_a_server_pool_leaves_room_for_the_long_prefills_as_xla_compiles_them(engine, monkeypatch):

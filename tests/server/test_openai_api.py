@@ -225,10 +225,10 @@ def test_a_prompt_whose_prefill_does_not_fit_gets_a_400_and_the_server_goes_on(s
     monkeypatch.setattr(memory, "call_bytes", lambda compiled: 1 << 50)
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0)
-    assert "needs 1048576.0 GiB of device memory" in e.value.body["message"] and e.value.body["param"] == "prompt"
+    assert "needs 1048576.00 GiB of device memory" in e.value.body["message"] and e.value.body["param"] == "prompt"
     chunks = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0, stream=True)
                   .response.iter_lines())
-    assert any("needs 1048576.0 GiB of device memory" in line for line in chunks)
+    assert any("needs 1048576.00 GiB of device memory" in line for line in chunks)
     monkeypatch.undo()
     m = _wait_idle(url)
     assert m["delta_jax_kv_pages_in_use"] == 0 and m["delta_jax_running_requests"] == 0
