@@ -6,6 +6,9 @@ Stages (comma-separated, one process; each writes JSON under --out/<stage>/ as i
             published delta (window 256, sinks 16, gamma 64; the last --exact rows exact for every method,
             covering the recall tail), 95% t intervals over samples, and paired differences per family
             and length (taylor - shrink first). One dense pass per sample serves every method.
+  backends  the kernel `taylor` against the XLA `taylor` (same samples, one dense pass): per family and
+            length, KL(XLA || kernel) over the recall tail, the paired kernel - XLA differences of KL(dense ||
+            taylor) and body NLL, and each layer's mean cosine to dense attention (the shift) under both paths.
   pipeline  what users run, through `Engine.generate`: dense prefill + dense decode; published delta
             prefill + DELTA decode on the reference layers; `taylor` prefill + DELTA decode on the
             calibrated layers 2, 3, 6, 7, 15; on the decode study's tasks (three listed values, four
@@ -36,10 +39,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
 from benchmarks.real_model_eval import G, S, W, log, pick, run_stages, run_tasks  # noqa: E402
+from delta_jax import delta as delta_mod  # noqa: E402
 from delta_jax.config import DecodeConfig, PrefillConfig  # noqa: E402
 from delta_jax.eval import fidelity, report, runner  # noqa: E402
-from delta_jax.eval.families import FAMILIES  # noqa: E402
+from delta_jax.eval.families import FAMILIES, family_samples  # noqa: E402
 from delta_jax.eval.stats import paired_difference  # noqa: E402
+from pallas_kernels import pick_backend  # noqa: E402
 
 EXACT = 160
 CORRECTIONS = "delta_shrink,delta_taylor,recompute,delta"
@@ -102,6 +107,65 @@ def stage_families(engine, a, out, clock):
             report.write_json(result, path)
     if result["cells"]:
         write_families(result, out)
+
+
+# ---------------------------------------------------------------------------- backends stage
+
+def stage_backends(engine, a, out, clock):
+    """The kernel path (`--kernel-backend`, default the platform's Pallas kernels) against the XLA path, both
+    running `taylor` with the last --exact rows exact, on the same samples as the families stage."""
+    kernel = pick_backend(a.kernel_backend)
+    if kernel == "xla" and not a.smoke:
+        raise SystemExit("the backends stage compares the Pallas kernels with XLA: run it on a GPU or TPU")
+    pre = dataclasses.replace(pick("delta_taylor")["delta_taylor"], tail=a.exact)
+    paths = {kernel: kernel, "xla": "xla"} if kernel != "xla" else {"xla": "xla"}  # smoke on the CPU: the code only
+    path = os.path.join(out, "backends.json")
+    result = {"env": common.environment(), "kernel": kernel, "prefill": dataclasses.asdict(pre),
+              "config": {"exact": a.exact, "start_fraction": a.start_fraction, "samples": a.samples,
+                         "seed": a.seed, "dtype": str(np.dtype(engine.dtype))},
+              "cells": {}, "shift": {}, "skipped": clock.skipped}
+    for n in [int(x) for x in a.lengths.split(",")]:
+        for fam in a.families.split(","):
+            if clock.expired(f"backends {n} {fam}"):
+                continue
+            texts = family_samples(fam, engine.tokenizer, length=n, n=a.samples, seed=a.seed,
+                                   tail_tokens=a.exact - 1)
+            seqs = [s.tokens for s in texts]
+            ref = fidelity.score_all(engine, seqs, PrefillConfig(), last=a.exact, batch_size=a.batch_size)
+            res, kl, nll = {}, {}, {}
+            for name, backend in paths.items():
+                delta_mod.KERNEL_BACKEND = backend  # part of the engine's compile key
+                res[name] = fidelity.score_all(engine, seqs, pre, last=a.exact, batch_size=a.batch_size)
+                kl[name] = fidelity.kl_stats(ref, res[name], texts)["kl"]
+                nll[name] = fidelity.body_nll(res[name], texts, exact=a.exact, start_fraction=a.start_fraction)
+            delta_mod.KERNEL_BACKEND = a.kernel_backend
+            between = fidelity.kl_stats(res["xla"], res[kernel], texts)
+            cell = {"samples": len(seqs), "kl_xla_kernel": fidelity.mean_ci(between["kl"]),
+                    "kl_xla_kernel_max": float(np.max(between["kl"])),
+                    "top1_agree": float(np.mean(between["top1_agree"])),
+                    "kl": {k: fidelity.mean_ci(v) for k, v in kl.items()},
+                    "nll": {k: fidelity.mean_ci(v) for k, v in nll.items()},
+                    "kl_diff": paired_difference(kl[kernel], kl["xla"]),
+                    "nll_diff": paired_difference(nll[kernel], nll["xla"])}
+            result["cells"].setdefault(str(n), {})[fam] = cell
+            log(f"backends {n} {fam}: KL(xla || {kernel}) {cell['kl_xla_kernel']['mean']:.2e} (max "
+                f"{cell['kl_xla_kernel_max']:.2e}), KL to dense {kernel} - xla {cell['kl_diff']['mean']:+.2e} "
+                f"[{cell['kl_diff']['ci_low']:+.2e}, {cell['kl_diff']['ci_high']:+.2e}], NLL {kernel} - xla "
+                f"{cell['nll_diff']['mean']:+.2e}")
+            report.write_json(result, path)
+        if clock.expired(f"backends {n} shift"):
+            continue
+        prose = fidelity.prose_tokens(engine.tokenizer, length=n, n=a.shift_samples, seed=a.seed)
+        cos = {}
+        for name, backend in paths.items():
+            delta_mod.KERNEL_BACKEND = backend
+            cos[name] = np.mean([engine.shift_cosines(t, prefill=pre).mean(axis=(1, 2)) for t in prose], axis=0)
+        delta_mod.KERNEL_BACKEND = a.kernel_backend
+        result["shift"][str(n)] = {"samples": len(prose), "per_layer": {k: v.tolist() for k, v in cos.items()},
+                                   "max_abs_diff": float(np.max(np.abs(cos[kernel] - cos["xla"])))}
+        log(f"backends {n} shift: mean cosine {kernel} {cos[kernel].mean():.5f}, xla {cos['xla'].mean():.5f}, "
+            f"largest per-layer difference {result['shift'][str(n)]['max_abs_diff']:.2e}")
+        report.write_json(result, path)
 
 
 # ---------------------------------------------------------------------------- pipeline stage
@@ -302,7 +366,7 @@ def make_report(paths: list[str], out: str) -> None:
     print("\n\n".join(parts))
 
 
-STAGES = {"families": stage_families, "pipeline": stage_pipeline}
+STAGES = {"families": stage_families, "backends": stage_backends, "pipeline": stage_pipeline}
 
 
 def main(argv=None):
@@ -319,6 +383,7 @@ def main(argv=None):
     ap.add_argument("--families", default="prose,kv,code,qa,records", help=f"from {FAMILIES}")
     ap.add_argument("--methods", default=CORRECTIONS, help="prefill corrections compared with dense")
     ap.add_argument("--exact", type=int, default=EXACT, help="exact last rows (the recall tail is shorter)")
+    ap.add_argument("--shift-samples", type=int, default=8, help="prose texts of the backends stage's shift")
     ap.add_argument("--start-fraction", type=float, default=0.5, help="body NLL from this fraction of the body")
     ap.add_argument("--pipeline", default="dense,published,taylor_cal", help=f"from {sorted(PIPELINE)}")
     ap.add_argument("--tasks", default="niah_multivalue_list,niah_multivalue")
@@ -331,7 +396,7 @@ def main(argv=None):
         make_report(a.report, a.out)
         return
     if a.smoke:
-        a.lengths, a.samples, a.batch_size = "1024", 2, 2
+        a.lengths, a.samples, a.batch_size, a.shift_samples = "1024", 2, 2, 1
         a.families, a.tasks = "code", "niah_multivalue_list"
     stages = a.stage.split(",")
     bad = [s for s in stages if s not in STAGES] + [f for f in a.families.split(",") if f not in FAMILIES] + \

@@ -186,20 +186,40 @@ def run_server(engine, w: Workload, prefill: PrefillConfig, decode: DecodeConfig
 
 
 # ---------------------------------------------------------------------------------------------- static batches
+class _Warm(Exception):
+    """Raised from a warm-up batch's first decoded token: every shape of the batch has been compiled."""
+
+
+def _stop_when_decoding():
+    """An `on_token` for `Engine.generate` that raises `_Warm` at a row's second token (the prefills are done
+    and one decode chunk has run)."""
+    seen = set()
+
+    def on_token(j, token):
+        if j in seen:
+            raise _Warm
+        seen.add(j)
+    return on_token
+
+
 def run_static(engine, w: Workload, a, warm: bool) -> dict:
     """Static batches of `--static-batch` in arrival order through `Engine.generate` (see the module doc);
-    with `warm`, runs each batch once untimed first (each batch compiles its own shapes)."""
+    with `warm`, runs each batch untimed first until its first decode chunk (each batch compiles its own
+    shapes: the prefills and the decode loop for the batch's pool)."""
     n, b = len(w.prompts), a.static_batch
     batches = [list(range(k, min(n, k + b))) for k in range(0, n, b)]
     t0 = time.perf_counter()
     if warm:
         for idx in batches:
             try:
-                engine.generate([w.prompts[i] for i in idx], max_new_tokens=int(max(w.outputs[idx])), chunk=a.chunk)
+                engine.generate([w.prompts[i] for i in idx], max_new_tokens=int(max(w.outputs[idx])), chunk=a.chunk,
+                                on_token=_stop_when_decoding())
+            except _Warm:
+                pass
             except ConfigError as e:
                 print(f"  warm-up batch refused: {e}", flush=True)
     warm_s = time.perf_counter() - t0
-    print(f"  warm-up (compiles, one untimed pass) {warm_s:.1f}s", flush=True)
+    print(f"  warm-up (compiles: each batch up to its first decode chunk) {warm_s:.1f}s", flush=True)
     timings: list = [None] * n
     start = time.perf_counter()
     now = lambda: time.perf_counter() - start  # noqa: E731

@@ -76,7 +76,7 @@ def _check_length(engine, length: int):
         raise ValueError(f"length={length} exceeds the engine's max_seq_len={cap}")
 
 
-def _mean_ci(values) -> dict:
+def mean_ci(values) -> dict:
     m, lo, hi = t_interval(values)
     return {"mean": m, "ci_low": lo, "ci_high": hi}
 
@@ -124,8 +124,8 @@ def kl_stats(ref: Sequence, res: Sequence, texts: Sequence[RecallSample]) -> dic
 
 def kl_summary(prefill: PrefillConfig, stats: dict) -> dict:
     """Means with t intervals of `kl_stats` output."""
-    return {"prefill": dataclasses.asdict(prefill), "kl": _mean_ci(stats["kl"]),
-            "kl_values": _mean_ci(stats["kl_values"]), "top1_agree": float(np.mean(stats["top1_agree"])),
+    return {"prefill": dataclasses.asdict(prefill), "kl": mean_ci(stats["kl"]),
+            "kl_values": mean_ci(stats["kl_values"]), "top1_agree": float(np.mean(stats["top1_agree"])),
             "value_top1": float(np.mean(stats["value_top1"])), "per_sample_kl": stats["kl"]}
 
 
@@ -182,7 +182,7 @@ def nll_summary(prefill: PrefillConfig, nll: list, dense_nll: list) -> dict:
     m, lo, hi = t_interval(nll)
     return {"prefill": dataclasses.asdict(prefill), "nll": {"mean": m, "ci_low": lo, "ci_high": hi},
             "perplexity": {"mean": math.exp(m), "ci_low": math.exp(lo), "ci_high": math.exp(hi)},
-            "nll_minus_dense": _mean_ci(np.asarray(nll) - np.asarray(dense_nll)), "per_sample_nll": nll}
+            "nll_minus_dense": mean_ci(np.asarray(nll) - np.asarray(dense_nll)), "per_sample_nll": nll}
 
 
 def paired(methods: dict, pairs: Sequence[tuple[str, str]]) -> dict:
