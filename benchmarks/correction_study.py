@@ -118,7 +118,7 @@ def stage_backends(engine, a, out, clock):
     if kernel == "xla" and not a.smoke:
         raise SystemExit("the backends stage compares the Pallas kernels with XLA: run it on a GPU or TPU")
     pre = dataclasses.replace(pick("delta_taylor")["delta_taylor"], tail=a.exact)
-    paths = {kernel: kernel, "xla": "xla"} if kernel != "xla" else {"xla": "xla"}  # smoke on the CPU: the code only
+    paths = {kernel: kernel, "xla": "xla"}  # one entry in the CPU smoke, which checks the code only
     path = os.path.join(out, "backends.json")
     result = {"env": common.environment(), "kernel": kernel, "prefill": dataclasses.asdict(pre),
               "config": {"exact": a.exact, "start_fraction": a.start_fraction, "samples": a.samples,
