@@ -118,7 +118,7 @@ def stage_backends(engine, a, out, clock):
     if kernel == "xla" and not a.smoke:
         raise SystemExit("the backends stage compares the Pallas kernels with XLA: run it on a GPU or TPU")
     pre = dataclasses.replace(pick("delta_taylor")["delta_taylor"], tail=a.exact)
-    paths = {kernel: kernel, "xla": "xla"}  # one entry in the CPU smoke, which checks the code only
+    paths = sorted({kernel, "xla"})  # one path in the CPU smoke, which checks the code only
     path = os.path.join(out, "backends.json")
     result = {"env": common.environment(), "kernel": kernel, "prefill": dataclasses.asdict(pre),
               "config": {"exact": a.exact, "start_fraction": a.start_fraction, "samples": a.samples,
@@ -133,12 +133,11 @@ def stage_backends(engine, a, out, clock):
             seqs = [s.tokens for s in texts]
             ref = fidelity.score_all(engine, seqs, PrefillConfig(), last=a.exact, batch_size=a.batch_size)
             res, kl, nll = {}, {}, {}
-            for name, backend in paths.items():
-                delta_mod.KERNEL_BACKEND = backend  # part of the engine's compile key
-                res[name] = fidelity.score_all(engine, seqs, pre, last=a.exact, batch_size=a.batch_size)
+            for name in paths:
+                with delta_mod.kernel_backend(name):
+                    res[name] = fidelity.score_all(engine, seqs, pre, last=a.exact, batch_size=a.batch_size)
                 kl[name] = fidelity.kl_stats(ref, res[name], texts)["kl"]
                 nll[name] = fidelity.body_nll(res[name], texts, exact=a.exact, start_fraction=a.start_fraction)
-            delta_mod.KERNEL_BACKEND = a.kernel_backend
             between = fidelity.kl_stats(res["xla"], res[kernel], texts)
             cell = {"samples": len(seqs), "kl_xla_kernel": fidelity.mean_ci(between["kl"]),
                     "kl_xla_kernel_max": float(np.max(between["kl"])),
@@ -157,10 +156,9 @@ def stage_backends(engine, a, out, clock):
             continue
         prose = fidelity.prose_tokens(engine.tokenizer, length=n, n=a.shift_samples, seed=a.seed)
         cos = {}
-        for name, backend in paths.items():
-            delta_mod.KERNEL_BACKEND = backend
-            cos[name] = np.mean([engine.shift_cosines(t, prefill=pre).mean(axis=(1, 2)) for t in prose], axis=0)
-        delta_mod.KERNEL_BACKEND = a.kernel_backend
+        for name in paths:
+            with delta_mod.kernel_backend(name):
+                cos[name] = np.mean([engine.shift_cosines(t, prefill=pre).mean(axis=(1, 2)) for t in prose], axis=0)
         result["shift"][str(n)] = {"samples": len(prose), "per_layer": {k: v.tolist() for k, v in cos.items()},
                                    "max_abs_diff": float(np.max(np.abs(cos[kernel] - cos["xla"])))}
         log(f"backends {n} shift: mean cosine {kernel} {cos[kernel].mean():.5f}, xla {cos['xla'].mean():.5f}, "

@@ -314,16 +314,15 @@ def stage_probe(engine, a, out, clock):
     res = {"env": common.environment(), "length": n}
     import jax
     for backend in ("gpu", "xla") if jax.default_backend() == "gpu" else ("xla",):
-        delta_mod.KERNEL_BACKEND = backend  # part of the engine's compile key
         cfg = pick("delta_shrink")["delta_shrink"]
-        t0 = time.time()
-        engine.shift_cosines(toks, prefill=cfg)
-        first = time.time() - t0
-        t0 = time.time()
-        engine.shift_cosines(toks, prefill=cfg)
+        with delta_mod.kernel_backend(backend):
+            t0 = time.time()
+            engine.shift_cosines(toks, prefill=cfg)
+            first = time.time() - t0
+            t0 = time.time()
+            engine.shift_cosines(toks, prefill=cfg)
         res[backend] = {"first_call_s": first, "run_s": time.time() - t0}
         log(f"probe {backend}: first call {first:.1f}s, then {res[backend]['run_s']:.3f}s")
-    delta_mod.KERNEL_BACKEND = None
     report.write_json(res, os.path.join(out, "probe.json"))
 
 

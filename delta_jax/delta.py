@@ -7,6 +7,7 @@ correction; this module maps a `PrefillConfig` onto it and runs it per head shar
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional
@@ -23,6 +24,18 @@ from pallas_kernels import sparse_prefill as pk
 # Kernel backend for the sparse methods: None picks Pallas on GPU/TPU and XLA on the CPU;
 # DELTA_JAX_KERNEL_BACKEND=xla forces the blockwise XLA path (fast to compile, same numerics).
 KERNEL_BACKEND = os.environ.get("DELTA_JAX_KERNEL_BACKEND") or None
+
+
+@contextlib.contextmanager
+def kernel_backend(backend: Optional[str]):
+    """Runs the block with the sparse methods' kernel backend set to `backend` (part of every compile key),
+    restoring the previous one after."""
+    global KERNEL_BACKEND
+    previous, KERNEL_BACKEND = KERNEL_BACKEND, backend
+    try:
+        yield
+    finally:
+        KERNEL_BACKEND = previous
 
 
 def _head_axis(kv_heads: int, batch: int):

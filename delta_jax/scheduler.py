@@ -293,8 +293,8 @@ class Scheduler:
             return
         half = len(group) // 2
         self.max_prefill_tokens = min(self.max_prefill_tokens, self._prefill_tokens(group[half:]))
-        self._prefill(group[:half])
-        self._prefill(group[half:])
+        self._prefill(group[:half], waited=True)  # nothing is in flight any more: no chunk runs during admission
+        self._prefill(group[half:], waited=True)
 
     def _emit_first(self) -> None:
         """Streams the first token of each request prefilled in this step (after the next chunk is on its way)."""

@@ -134,3 +134,15 @@ def test_bad_prefill_parameters():
                     (dict(variant="taylor", base="topk_blocks"), "taylor")):
         with pytest.raises(ConfigError, match=msg):
             PrefillConfig(method="delta", **kw)
+
+
+def test_kernel_backend_is_set_for_the_block_and_restored_after_an_error():
+    before = delta.KERNEL_BACKEND
+    with pytest.raises(RuntimeError):
+        with delta.kernel_backend("xla"):
+            assert delta.KERNEL_BACKEND == "xla"
+            with delta.kernel_backend("gpu"):
+                assert delta.KERNEL_BACKEND == "gpu"
+            assert delta.KERNEL_BACKEND == "xla"
+            raise RuntimeError("inside the block")
+    assert delta.KERNEL_BACKEND == before
