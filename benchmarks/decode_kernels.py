@@ -163,16 +163,26 @@ def _check_case(variant, bs, hq, hkv, D, dtype, pps, budget, recent, backend, in
 
 # ---------------------------------------------------------------- timing
 
-def bench_shape(ctx, B, hq, hkv, D, dtype, backend, interpret, reps, n_calls, bw, sweep, profile):
+RAGGED = (1, 2, 4, 4)  # --ragged: row i holds context // RAGGED[i % 4] tokens
+
+
+def row_lengths(ctx, B, ragged):
+    """Tokens per row: all `ctx`, or (ragged) ctx, ctx/2, ctx/4, ctx/4 repeating, a serving batch's mix."""
+    return [ctx // RAGGED[i % len(RAGGED)] if ragged else ctx for i in range(B)]
+
+
+def bench_shape(ctx, B, hq, hkv, D, dtype, backend, interpret, reps, n_calls, bw, sweep, profile, ragged=False,
+                splits=()):
     rows = []
     pps = ctx // PAGE_SIZE
     itemsize = jnp.dtype(dtype).itemsize
     key = jax.random.PRNGKey(ctx + B)
     k_pages, v_pages, table = fragmented_pool(key, B, hkv, pps, D, dtype)
-    lengths = jnp.full((B,), ctx, jnp.int32)
+    lens = row_lengths(ctx, B, ragged)
+    lengths = jnp.asarray(lens, jnp.int32)
     qs = [_rand(jax.random.fold_in(key, 100 + i), (B, hq, D), dtype) for i in range(n_calls)]
-    dense_bytes = 2 * B * hkv * ctx * D * itemsize
-    base = dict(context=ctx, batch=B)
+    dense_bytes = 2 * sum(lens) * hkv * D * itemsize
+    base = dict(context=ctx, batch=B, ragged=bool(ragged))
 
     def add(name, t, nbytes, **extra):
         row = dict(base, method=name, ms=t * 1e3, kv_bytes=nbytes, **extra)
@@ -214,6 +224,9 @@ def bench_shape(ctx, B, hq, hkv, D, dtype, backend, interpret, reps, n_calls, bw
 
     attempt("delta_dense", lambda: ours_dense("delta_dense", None))
     attempt("delta_dense_scores", lambda: ours_dense("delta_dense_scores", "pages"))
+    for n in splits:
+        attempt(f"delta_dense splits{n}",
+                lambda n=n: ours_dense(f"delta_dense splits{n}", None, dd.BlockSizes(num_splits=n)))
     if sweep:
         for label, bs in (("ppb4", dd.BlockSizes(pages_per_block=4)), ("ppb16 stages1", dd.BlockSizes(pages_per_block=16, num_stages=1)),
                           ("w8", dd.BlockSizes(num_warps=8)), ("xla_combine", dd.BlockSizes(combine_in_kernel=False))):
@@ -227,7 +240,7 @@ def bench_shape(ctx, B, hq, hkv, D, dtype, backend, interpret, reps, n_calls, bw
     one = lambda sc, ln: dd.select_pages(sc, ln, page_size=PAGE_SIZE, budget=budget, recent=RECENT, topk_chunk=0)
     attempt("select_pages one top_k", lambda: add("select_pages one top_k", per_call_time(one, score_sets, reps), 0))
     selections = [sel(*a) for a in score_sets]
-    sparse_bytes = 2 * B * hkv * budget * PAGE_SIZE * D * itemsize
+    sparse_bytes = 2 * sum(min(n, budget * PAGE_SIZE) for n in lens) * hkv * D * itemsize
     ssets = [(q, k_pages, v_pages, table, i, v, lengths) for q, (i, v) in zip(qs, selections)]
 
     def ours_sparse(name, bs=None):
@@ -327,6 +340,10 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="compare our kernels with reference.py first")
     ap.add_argument("--sweep", action="store_true", help="time a few tile settings of our kernels")
     ap.add_argument("--profile", action="store_true", help="device kernel times of ours from a profiler trace")
+    ap.add_argument("--ragged", action="store_true",
+                    help="rows of context, context/2, context/4, context/4 tokens repeating (a serving batch)")
+    ap.add_argument("--splits", default="", help="also time our dense kernel with these num_splits (comma list)")
+    ap.add_argument("--name", default="decode_kernels")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Pallas in interpret mode)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip shapes not started before this")
     a = ap.parse_args(argv)
@@ -342,7 +359,8 @@ def main(argv=None):
     result = dict(env=common.environment(), backend=backend, interpret=interpret,
                   shapes=dict(q_heads=hq, kv_heads=hkv, head_dim=D, dtype=jnp.dtype(dtype).name, page_size=PAGE_SIZE,
                               budget=BUDGET, recent=RECENT, calls_per_program=calls, pool="shuffled pages"))
-    name = "decode_kernels_smoke.json" if a.smoke else "decode_kernels.json"
+    name = a.name + ("_smoke.json" if a.smoke else ".json")
+    splits = [int(x) for x in a.splits.split(",") if x]
     if a.check:
         result["check"] = check(backend, interpret, a.smoke)
         common.write_json(result, a.out, name)
@@ -355,7 +373,8 @@ def main(argv=None):
             if time.time() - t0 > a.deadline_s:
                 print(f"deadline: skipping ctx={ctx} B={B}", flush=True)
                 continue
-            rows += bench_shape(ctx, B, hq, hkv, D, dtype, backend, interpret, reps, calls, bw, a.sweep, a.profile)
+            rows += bench_shape(ctx, B, hq, hkv, D, dtype, backend, interpret, reps, calls, bw, a.sweep, a.profile,
+                                a.ragged, splits)
             result["rows"] = rows
             common.write_json(result, a.out, name)
     png = plot(rows, os.path.join(a.out, name.replace(".json", ".png")))

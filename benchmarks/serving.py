@@ -92,12 +92,19 @@ def summarize(w: Workload, timings: list, seconds: float) -> dict:
             "total_tokens_per_second": (out_tokens + prompt_tokens) / seconds, "output_tokens": out_tokens}
 
 
+def kind_of(name: str) -> str:
+    """`static`, `dense` or `delta`: a run's name less its `@N` (slots, or the static batch)."""
+    return name.split("@")[0]
+
+
 def ratios(runs: dict) -> tuple[dict, list]:
-    """Output-token throughput of dense and delta against static, and of delta against dense, between runs that
-    served every request (a ratio compares the same requests), and one line for each pair withheld."""
+    """Output-token throughput of each continuous run (dense, delta) against each static run, and of delta against
+    dense at the same slots, between runs that served every request (a ratio compares the same requests), and one
+    line for each pair withheld."""
     runs = {k: r for k, r in runs.items() if "output_tokens_per_second" in r}
-    pairs = [(k, base) for k, base in (("dense", "static"), ("delta", "static"), ("delta", "dense"))
-             if k in runs and base in runs]
+    pairs = [(k, base) for k in runs for base in runs if kind_of(k) != "static" and kind_of(base) == "static"]
+    pairs += [(k, base) for k in runs for base in runs if kind_of(k) == "delta" and kind_of(base) == "dense"
+              and runs[k].get("slots") == runs[base].get("slots")]
     given = {f"output tokens/s, {k} / {base}": runs[k]["output_tokens_per_second"] / runs[base]["output_tokens_per_second"]
              for k, base in pairs if not runs[k]["failed"] and not runs[base]["failed"]}
     withheld = [f"no {k} / {base} ratio: " + ", ".join(f"{n} refused {runs[n]['failed']} of "
@@ -240,7 +247,7 @@ def run_static(engine, w: Workload, a, warm: bool) -> dict:
         for j, i in enumerate(idx):
             timings[i] = Timing(float(w.arrival[i]), got[j], got[j][-1] if got[j] else now(), error)
     out = summarize(w, timings, now())
-    out.update(warmup_seconds=warm_s, batches=len(batches))
+    out.update(warmup_seconds=warm_s, batches=len(batches), static_batch=b)
     out["timings"] = [dataclasses.asdict(t) for t in timings]
     return out
 
@@ -284,19 +291,19 @@ def plot(results: dict, path: str) -> None:
 
 
 def table(results: dict) -> str:
-    head = (f"{'run':<8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'req/s':>7} "
+    head = (f"{'run':<10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'req/s':>7} "
             f"{'out tok/s':>10} {'peak pages':>11} {'max running':>12}")
     lines = [head]
     for name, r in results["runs"].items():
         if "timings" not in r:
-            lines.append(f"{name:<8} {r.get('skipped') or r.get('error')}")
+            lines.append(f"{name:<10} {r.get('skipped') or r.get('error')}")
             continue
         ms = lambda x: f"{1e3 * x:.1f}ms" if x is not None else "-"  # noqa: E731
         if r["failed"]:
-            lines.append(f"{name:<8} {r['failed']} request(s) failed, the first: {r['first_error']}")
+            lines.append(f"{name:<10} {r['failed']} request(s) failed, the first: {r['first_error']}")
         if not r["requests"]:
             continue
-        lines.append(f"{name:<8} {r['ttft_p50']:>8.2f}s {r['ttft_p99']:>8.2f}s {ms(r['tpot_p50']):>9} "
+        lines.append(f"{name:<10} {r['ttft_p50']:>8.2f}s {r['ttft_p99']:>8.2f}s {ms(r['tpot_p50']):>9} "
                      f"{ms(r['tpot_p99']):>9} {r['requests_per_second']:>7.2f} {r['output_tokens_per_second']:>10.1f} "
                      f"{r.get('peak_pages', '-'):>11} {r.get('max_running', '-'):>12}")
     for k, v in results.get("ratios", {}).items():
@@ -318,7 +325,9 @@ def main(argv=None):
     ap.add_argument("--num-requests", type=int, default=24)
     ap.add_argument("--duration", type=float, default=None, help="keep only requests arriving in the first N s")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--runs", default="dense,static,delta", help="from dense, delta (continuous batching), static")
+    ap.add_argument("--runs", default="dense,static,delta",
+                    help="from dense, delta (continuous batching), static; NAME@N runs it with N slots (N rows a "
+                         "static batch) instead of --slots (--static-batch)")
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--kv-pages", type=int, default=None, help="pool pages (default: every slot at full length)")
     ap.add_argument("--chunk", type=int, default=16, help="decode steps per dispatch")
@@ -339,6 +348,10 @@ def main(argv=None):
     ap.add_argument("--name", default="serving")
     ap.add_argument("--smoke", action="store_true", help="tiny model and workload on the CPU")
     a = ap.parse_args(argv)
+    for name in a.runs.split(","):
+        kind, at, n = name.partition("@")
+        if kind not in ("static", "dense", "delta") or (at and not (n.isdigit() and int(n) > 0)):
+            ap.error(f"--runs: {name!r} is not static, dense or delta with an optional @N (N >= 1)")
     if a.smoke:
         a.lengths, a.outputs, a.rate, a.num_requests = "64,200", "3,8", 8.0, 6
         a.slots, a.chunk, a.static_batch = 4, 4, 3
@@ -370,10 +383,13 @@ def main(argv=None):
             continue
         print(f"run {name}", flush=True)
         t0 = time.perf_counter()
-        if name == "static":
-            r = run_static(engine, w, a, warm=not a.no_static_warmup)
+        kind, _, n = name.partition("@")
+        if kind == "static":
+            r = run_static(engine, w, argparse.Namespace(**{**vars(a), "static_batch": int(n or a.static_batch)}),
+                           warm=not a.no_static_warmup)
         else:
-            r = run_server(engine, w, *(dense if name == "dense" else delta), a)
+            r = run_server(engine, w, *(dense if kind == "dense" else delta),
+                           argparse.Namespace(**{**vars(a), "slots": int(n or a.slots)}))
         gc.collect()  # the run's KV pool goes before the next run allocates its own
         r["wall_seconds"] = time.perf_counter() - t0
         print(f"  run {name} done in {r['wall_seconds']:.1f}s", flush=True)
