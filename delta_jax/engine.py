@@ -237,7 +237,7 @@ class Engine:
     def _fit_pool(self, prefill: PrefillConfig, decode: DecodeConfig, slots: int, width: int, num_pages: int,
                   longest: int, hint: str) -> int:
         """Pages of a pool beside which XLA's figure for every prefill of the longest octave fits the free memory
-        and its temporaries the largest free block (the figure is not monotone in the length and depends on the
+        (with `memory.SIZING_MARGIN` to spare) and its temporaries the largest free block (the figure is not monotone in the length and depends on the
         pool's size). The prefills are compiled against the pool's shapes before it exists, so the pool is
         allocated once, without leaving holes; the executables are kept for the calls."""
         shards = self._data_shards()
@@ -248,7 +248,8 @@ class Engine:
             pool = cache.abstract_pool(spec, Scheduler.pool_sharding(self, spec))
             reserve = self._pool_bytes(spec.num_pages, decode.page_size)
             fit, worst = max(((memory.shortfall(self.steps.compile_prefill(prefill, self.state, pool, 1, t, width),
-                                                self.mesh, reserve), t) for t in lengths), key=lambda r: r[0].short)
+                                                self.mesh, reserve, memory.SIZING_MARGIN), t) for t in lengths),
+                             key=lambda r: r[0].short)
             if fit.need is not None:
                 _log(f"KV pool of {spec.num_pages} pages: the worst prefill ({worst} tokens) needs "
                      f"{fit.need / memory.GiB:.1f} GiB (XLA's figure), {fit.free / memory.GiB:.1f} GiB is "

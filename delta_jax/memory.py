@@ -19,6 +19,9 @@ from delta_jax.model import MLP_CHUNK
 
 GiB = 2**30
 HEADROOM = 0.95  # share of the free memory a request may plan to use (XLA's temporaries, fragmentation)
+SIZING_MARGIN = 0.02  # a KV pool is sized so that its worst prefill fits with this share of XLA's figure to spare,
+# for what the scheduler allocates beside the pool once it exists (slot state, decode outputs): sized to the
+# byte, the run-time check of the same prefill refused it (H100, 2026-12-07)
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
@@ -82,13 +85,14 @@ class Fit(NamedTuple):
     block: Optional[int]
 
 
-def shortfall(compiled, mesh=None, reserve: int = 0) -> Fit:
+def shortfall(compiled, mesh=None, reserve: int = 0, margin: float = 0.0) -> Fit:
     """How one call of `compiled` on `mesh` fits the device's memory (`Fit`). `reserve`: bytes per device about
-    to be taken from the largest free block first (a pool being sized)."""
+    to be taken from the largest free block first (a pool being sized); `margin`: share of XLA's figure to keep
+    spare beyond it."""
     need = call_bytes(compiled)
     free, where = free_bytes()
     free -= reserve * devices_sharing(mesh)
-    over_free = -1.0 if need is None else need - HEADROOM * free / devices_sharing(mesh)
+    over_free = -1.0 if need is None else need * (1 + margin) - HEADROOM * free / devices_sharing(mesh)
     temp, block = temp_bytes(compiled), largest_free_block()
     over_block = -1.0
     if block is not None:

@@ -256,6 +256,20 @@ def test_gpu_default_tiles_fit_shared_memory(dtype, head_dim, group):
         assert bs.pages_per_block * PS == (64 if head_dim == 128 else 128)
 
 
+def test_gpu_splits_spread_the_longest_rows():
+    """Default gpu splits: a power of two, at most the blocks; a batch gets as many splits per row as one row
+    alone (Llama-3.1-8B: 8 kv heads), so its longest rows spread over as much of the GPU."""
+    from pallas_kernels.delta_decode import _MAX_BLOCKS_PER_SPLIT, _splits
+    for blocks in (1, 3, 16, 17, 288, 1024):
+        for batch in (1, 8, 64):
+            s = _splits(blocks, batch * 8, None, _MAX_BLOCKS_PER_SPLIT)
+            assert s & (s - 1) == 0 and 1 <= s <= blocks
+            assert s >= min(_splits(blocks, 8, None), blocks // _MAX_BLOCKS_PER_SPLIT)
+    assert _splits(288, 64, None, _MAX_BLOCKS_PER_SPLIT) == 32  # 8 rows of 36K tokens: 4 before
+    assert _splits(1024, 8, None, _MAX_BLOCKS_PER_SPLIT) == _splits(1024, 8, None) == 32  # one 128K row: as before
+    assert _splits(288, 64, 3, _MAX_BLOCKS_PER_SPLIT) == 3
+
+
 def test_bad_arguments():
     q, kp, vp, table, lengths, _, _ = _paged(0, 2, 64)
     f = paged_decode_attention
