@@ -247,6 +247,32 @@ def test_a_server_pool_leaves_room_for_the_long_prefills_as_xla_compiles_them(en
         engine.scheduler(slots=64, max_seq_len=512)
 
 
+def test_a_sized_pool_still_runs_its_longest_prefill_once_the_scheduler_holds_its_own_buffers(engine, monkeypatch):
+    """What the scheduler allocates after sizing its pool (slot state, decode outputs: here 1% of the prefill's
+    figure) must not make the run-time check refuse the longest prompt the pool was sized for (H100: sized to the
+    byte, six 32K prompts were refused)."""
+    from delta_jax import cache as cache_mod
+    from delta_jax import memory
+    total, held = 64 << 20, {"pool": 0, "after": 0}
+    need = 24 << 20
+    real_pool = cache_mod.empty_pool
+
+    def pool(spec, sh=None):
+        held["pool"] = spec.nbytes()
+        return real_pool(spec, sh)
+
+    monkeypatch.setattr(cache_mod, "empty_pool", pool)
+    monkeypatch.setattr(memory, "free_bytes", lambda devices=None: (total - held["pool"] - held["after"], "free (test)"))
+    monkeypatch.setattr(memory, "call_bytes", lambda compiled: need)
+    sched = engine.scheduler(slots=64, max_seq_len=512)
+    assert sched.spec.num_pages < 64 * 32  # the memory sized the pool, not the slots
+    held["after"] = need // 100
+    r = sched.submit(Request(prompt=[1 + i % 90 for i in range(500)], max_tokens=2))
+    sched.run()
+    assert not r.error and len(r.tokens) == 2
+    sched.close()
+
+
 def test_a_million_tokens_of_llama_8b_on_one_gpu_is_refused():
     """The check the engine runs before compiling, with Llama-3.1-8B's shapes and an H200's free memory."""
     from benchmarks.common import llama31_8b
