@@ -237,9 +237,10 @@ class Engine:
     def _fit_pool(self, prefill: PrefillConfig, decode: DecodeConfig, slots: int, width: int, num_pages: int,
                   longest: int, hint: str) -> int:
         """Pages of a pool beside which XLA's figure for every prefill of the longest octave fits the free memory
-        (with `memory.SIZING_MARGIN` to spare) and its temporaries the largest free block (the figure is not monotone in the length and depends on the
-        pool's size). The prefills are compiled against the pool's shapes before it exists, so the pool is
-        allocated once, without leaving holes; the executables are kept for the calls."""
+        (with `memory.SIZING_MARGIN` to spare) and its temporaries the largest free block (the figure is not
+        monotone in the length and depends on the pool's size). The prefills are compiled against the pool's
+        shapes before it exists, so the pool is allocated once, without leaving holes; the executables are kept
+        for the calls."""
         shards = self._data_shards()
         page = self._pool_bytes(shards, decode.page_size) / shards  # bytes per device of one page
         lengths = prefill_lengths(longest // 2 + 1, longest)

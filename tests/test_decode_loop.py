@@ -262,7 +262,8 @@ def test_a_sized_pool_still_runs_its_longest_prefill_once_the_scheduler_holds_it
         return real_pool(spec, sh)
 
     monkeypatch.setattr(cache_mod, "empty_pool", pool)
-    monkeypatch.setattr(memory, "free_bytes", lambda devices=None: (total - held["pool"] - held["after"], "free (test)"))
+    monkeypatch.setattr(memory, "free_bytes",
+                        lambda devices=None: (total - held["pool"] - held["after"], "free (test)"))
     monkeypatch.setattr(memory, "call_bytes", lambda compiled: need)
     sched = engine.scheduler(slots=64, max_seq_len=512)
     assert sched.spec.num_pages < 64 * 32  # the memory sized the pool, not the slots
