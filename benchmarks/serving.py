@@ -27,6 +27,7 @@ import os
 import sys
 import threading
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -92,9 +93,17 @@ def summarize(w: Workload, timings: list, seconds: float) -> dict:
             "total_tokens_per_second": (out_tokens + prompt_tokens) / seconds, "output_tokens": out_tokens}
 
 
+def parse_run(name: str) -> tuple[str, Optional[int]]:
+    """A run's name -> (`static`, `dense` or `delta`; N of its `@N`: slots, or the rows of a static batch, None
+    without). Raises ValueError naming a bad one."""
+    kind, at, n = name.partition("@")
+    if kind not in ("static", "dense", "delta") or (at and not (n.isdigit() and int(n) > 0)):
+        raise ValueError(f"--runs: {name!r} is not static, dense or delta with an optional @N (N >= 1)")
+    return kind, int(n) if at else None
+
+
 def kind_of(name: str) -> str:
-    """`static`, `dense` or `delta`: a run's name less its `@N` (slots, or the static batch)."""
-    return name.split("@")[0]
+    return parse_run(name)[0]
 
 
 def ratios(runs: dict) -> tuple[dict, list]:
@@ -348,10 +357,10 @@ def main(argv=None):
     ap.add_argument("--name", default="serving")
     ap.add_argument("--smoke", action="store_true", help="tiny model and workload on the CPU")
     a = ap.parse_args(argv)
-    for name in a.runs.split(","):
-        kind, at, n = name.partition("@")
-        if kind not in ("static", "dense", "delta") or (at and not (n.isdigit() and int(n) > 0)):
-            ap.error(f"--runs: {name!r} is not static, dense or delta with an optional @N (N >= 1)")
+    try:
+        runs = [(name, *parse_run(name)) for name in a.runs.split(",")]
+    except ValueError as e:
+        ap.error(str(e))
     if a.smoke:
         a.lengths, a.outputs, a.rate, a.num_requests = "64,200", "3,8", 8.0, 6
         a.slots, a.chunk, a.static_batch = 4, 4, 3
@@ -376,20 +385,19 @@ def main(argv=None):
                             "prompt_tokens": [len(p) for p in w.prompts], "output_tokens": w.outputs.tolist()},
                "capacity": capacity(engine, a, max(lengths), outputs[1]), "runs": {}}
     print(f"{len(w.prompts)} requests over {w.arrival[-1]:.1f}s", flush=True)
-    for name in a.runs.split(","):
+    for name, kind, n in runs:
         elapsed = time.perf_counter() - t_start
         if elapsed > a.deadline:
             results["runs"][name] = {"skipped": f"deadline: {elapsed:.0f}s > {a.deadline:.0f}s"}
             continue
         print(f"run {name}", flush=True)
         t0 = time.perf_counter()
-        kind, _, n = name.partition("@")
         if kind == "static":
-            r = run_static(engine, w, argparse.Namespace(**{**vars(a), "static_batch": int(n or a.static_batch)}),
+            r = run_static(engine, w, argparse.Namespace(**{**vars(a), "static_batch": n or a.static_batch}),
                            warm=not a.no_static_warmup)
         else:
             r = run_server(engine, w, *(dense if kind == "dense" else delta),
-                           argparse.Namespace(**{**vars(a), "slots": int(n or a.slots)}))
+                           argparse.Namespace(**{**vars(a), "slots": n or a.slots}))
         gc.collect()  # the run's KV pool goes before the next run allocates its own
         r["wall_seconds"] = time.perf_counter() - t0
         print(f"  run {name} done in {r['wall_seconds']:.1f}s", flush=True)
