@@ -10,7 +10,8 @@ One process, one random-weight model, the SAME arrivals for every run:
 Prompt lengths are drawn from `--lengths` (each prompt exactly one of them, so the prefill compiles once per
 length), output lengths uniformly from `--outputs`. Every compile is warmed up before timing. Reports time to
 first token (p50/p99), time per output token, request and token throughput, the peak KV pages in use, and how
-many long requests a paged pool holds against a padded cache of the same bytes. JSON + plot + table.
+many long requests a paged pool holds against a padded cache of the same bytes, and the least time dense decode
+of the requests takes at the copy bandwidth measured in the run. JSON + plot + table.
 
     python benchmarks/serving.py --out benchmarks/results            # H200: random-weight Llama-3.1-8B, bf16
     python benchmarks/serving.py --smoke                              # tiny model on the CPU
@@ -29,6 +30,7 @@ import threading
 import time
 from typing import Optional
 
+import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -261,6 +263,17 @@ def run_static(engine, w: Workload, a, warm: bool) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- bounds
+def decode_bound(w: Workload, kv_bytes_per_token: int, weight_bytes: int, bandwidth: float) -> dict:
+    """The least time dense decode of the workload takes at `bandwidth` (bytes/s): each output token reads its
+    row's context from the KV cache (the prompt and the tokens before it), and each step reads the weights, for
+    at least as many steps as the longest answer."""
+    kv = sum(kv_bytes_per_token * (len(p) * int(o) + int(o) * (int(o) - 1) // 2) for p, o in zip(w.prompts, w.outputs))
+    steps = int(max(w.outputs))
+    return {"bandwidth": bandwidth, "kv_bytes": kv, "weight_bytes": weight_bytes, "steps": steps,
+            "seconds": (kv + weight_bytes * steps) / bandwidth}
+
+
 # ---------------------------------------------------------------------------------------------- capacity
 def capacity(engine, a, long_len: int, new_tokens: int) -> dict:
     """Requests of `long_len + new_tokens` tokens held at once in the device's free memory: a paged pool (pages
@@ -300,8 +313,8 @@ def plot(results: dict, path: str) -> None:
 
 
 def table(results: dict) -> str:
-    head = (f"{'run':<10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'req/s':>7} "
-            f"{'out tok/s':>10} {'peak pages':>11} {'max running':>12}")
+    head = (f"{'run':<10} {'seconds':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} "
+            f"{'req/s':>7} {'out tok/s':>10} {'peak pages':>11} {'max running':>12}")
     lines = [head]
     for name, r in results["runs"].items():
         if "timings" not in r:
@@ -312,12 +325,18 @@ def table(results: dict) -> str:
             lines.append(f"{name:<10} {r['failed']} request(s) failed, the first: {r['first_error']}")
         if not r["requests"]:
             continue
-        lines.append(f"{name:<10} {r['ttft_p50']:>8.2f}s {r['ttft_p99']:>8.2f}s {ms(r['tpot_p50']):>9} "
-                     f"{ms(r['tpot_p99']):>9} {r['requests_per_second']:>7.2f} {r['output_tokens_per_second']:>10.1f} "
+        lines.append(f"{name:<10} {r['seconds']:>7.1f}s {r['ttft_p50']:>8.2f}s {r['ttft_p99']:>8.2f}s "
+                     f"{ms(r['tpot_p50']):>9} {ms(r['tpot_p99']):>9} {r['requests_per_second']:>7.2f} {r['output_tokens_per_second']:>10.1f} "
                      f"{r.get('peak_pages', '-'):>11} {r.get('max_running', '-'):>12}")
     for k, v in results.get("ratios", {}).items():
         lines.append(f"{k}: {v:.2f}x")
     lines += results.get("ratios_withheld", [])
+    b = results.get("decode_bound")
+    if b:
+        lines.append(f"dense decode of these requests at the measured copy bandwidth ({b['bandwidth'] / 1e12:.2f} "
+                     f"TB/s): at least {b['seconds']:.1f}s (KV {b['kv_bytes'] / 1e12:.1f} TB, weights "
+                     f"{b['weight_bytes'] / 1e9:.1f} GB x {b['steps']} steps); the rest of a run's seconds is prefill, "
+                     f"waits and the decode above the bound")
     c = results["capacity"]
     lines.append(f"{c['request_tokens']}-token requests held in {c['bytes'] / 2**30:.1f} GiB: paged {c['paged']}, "
                  + ", ".join(f"padded to {k} tokens {v}" for k, v in c["padded_by_row_tokens"].items()))
@@ -384,6 +403,9 @@ def main(argv=None):
                "workload": {"requests": len(w.prompts), "arrival": w.arrival.tolist(),
                             "prompt_tokens": [len(p) for p in w.prompts], "output_tokens": w.outputs.tolist()},
                "capacity": capacity(engine, a, max(lengths), outputs[1]), "runs": {}}
+    bandwidth = common.hbm_bandwidth(0.0625 if a.smoke else 2.0)
+    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.state))
+    results["decode_bound"] = decode_bound(w, memory.kv_bytes_per_token(cfg, engine.dtype), weights, bandwidth)
     print(f"{len(w.prompts)} requests over {w.arrival[-1]:.1f}s", flush=True)
     for name, kind, n in runs:
         elapsed = time.perf_counter() - t_start

@@ -1,6 +1,9 @@
-"""benchmarks/serving.py compares throughputs only between runs that served the same requests."""
+"""benchmarks/serving.py: throughputs compared only between runs that served the same requests, and the decode's
+bandwidth bound."""
 
-from benchmarks.serving import ratios
+import numpy as np
+
+from benchmarks.serving import Workload, decode_bound, ratios
 
 
 def _run(tps, served, failed):
@@ -19,3 +22,15 @@ def test_runs_that_served_everything_give_every_ratio():
     assert given == {"output tokens/s, dense / static": 2.0, "output tokens/s, delta / static": 3.0,
                      "output tokens/s, delta / dense": 1.5}
     assert withheld == []
+
+
+def test_the_decode_bound_counts_every_token_s_context_and_the_longest_answer_s_steps():
+    rng = np.random.default_rng(7)
+    prompts = [list(range(int(n))) for n in rng.integers(1, 50, 5)]
+    outputs = rng.integers(1, 20, 5)
+    w = Workload(np.zeros(5), prompts, outputs)
+    per_token, weights, bandwidth = 96, 1000, 1e6
+    kv = sum(per_token * (len(p) + j) for p, o in zip(prompts, outputs) for j in range(o))
+    b = decode_bound(w, per_token, weights, bandwidth)
+    assert (b["kv_bytes"], b["steps"]) == (kv, outputs.max())
+    assert b["seconds"] == (kv + weights * outputs.max()) / bandwidth
