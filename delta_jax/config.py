@@ -13,7 +13,12 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class ConfigError(ValueError):
-    """A configuration or argument the library cannot honour; the message names the bad value."""
+    """A configuration or argument the library cannot honour; the message names the bad value, and `param` the
+    request field it belongs to where there is one (the server's error body)."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclasses.dataclass(frozen=True)

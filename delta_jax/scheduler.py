@@ -115,16 +115,18 @@ class Scheduler:
         n, spec = len(req.prompt), self.spec
         check_prompt(req.prompt, self.engine.config.vocab_size)
         if req.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be >= 1, got {req.max_tokens}")
+            raise ConfigError(f"max_tokens must be >= 1, got {req.max_tokens}", param="max_tokens")
         if req.temperature < 0 or not 0 < req.top_p <= 1:
-            raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {req.temperature}, {req.top_p}")
+            raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {req.temperature}, {req.top_p}",
+                              param="temperature" if req.temperature < 0 else "top_p")
         if n + req.max_tokens > spec.max_tokens:
             raise ConfigError(f"prompt of {n} tokens plus {req.max_tokens} new tokens exceeds the cache length "
-                              f"max_seq_len={spec.max_tokens}")
+                              f"max_seq_len={spec.max_tokens}", param="prompt")
         need = cache.pages_for(n + req.max_tokens, spec.page_size)
         if need > self.alloc.capacity:
             raise ConfigError(f"prompt of {n} tokens plus {req.max_tokens} new tokens needs {need} pages of "
-                              f"{spec.page_size}; the KV cache holds {self.alloc.capacity} per data shard")
+                              f"{spec.page_size}; the KV cache holds {self.alloc.capacity} per data shard",
+                              param="prompt")
 
     def submit(self, req: Request) -> Request:
         """Queues `req` (validated: raises ConfigError if it can never run)."""
@@ -414,10 +416,10 @@ class Scheduler:
 def check_prompt(ids, vocab_size: int) -> None:
     """Raises ConfigError for an empty prompt or token ids outside `[0, vocab_size)`."""
     if not ids:
-        raise ConfigError("empty prompt: nothing to condition on")
+        raise ConfigError("empty prompt: nothing to condition on", param="prompt")
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
-        raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary (size {vocab_size})")
+        raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary (size {vocab_size})", param="prompt")
 
 
 def prefill_length(n: int) -> int:

@@ -156,7 +156,7 @@ def create_app(engine, scheduler: scheduling.Scheduler, *, model_name: str, warm
         try:
             worker.submit(req)
         except ConfigError as e:
-            raise APIError(400, str(e))
+            raise APIError(400, str(e), param="messages" if chat and e.param == "prompt" else e.param)
         except RuntimeError as e:
             raise APIError(503, str(e), kind="server_error")
         reply = protocol.Reply(chat, req.id, model_name)

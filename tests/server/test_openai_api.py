@@ -158,22 +158,26 @@ def _error(response) -> dict:
     return body["error"]
 
 
-@pytest.mark.parametrize("body, status, names", [
-    (b'{"model": "smol", "prompt": "hi",', 400, "not valid JSON"),
-    (json.dumps({"model": "gpt-4", "prompt": "hi"}), 404, "'gpt-4'"),
-    (json.dumps({"model": NAME, "prompt": "word " * 600}), 400, "exceeds the cache length max_seq_len=512"),
-    (json.dumps({"model": NAME, "prompt": "hi", "max_tokens": 0}), 400, "max_tokens must be >= 1, got 0"),
-    (json.dumps({"model": NAME, "prompt": "hi", "temperature": -1}), 400, "temperature >= 0"),
-    (json.dumps({"model": NAME, "prompt": "hi", "n": 2}), 400, "n=2"),
-    (json.dumps({"model": NAME, "prompt": "hi", "echo": True}), 400, "echo=True"),
-    (json.dumps({"model": NAME, "prompt": [1, 2, 10 ** 6]}), 400, "[1000000]"),
-    (json.dumps({"model": NAME, "prompt": "hi", "max_tokens": "8"}), 400, "max_tokens must be an integer, got '8'"),
-], ids=["malformed", "unknown-model", "too-long", "max-tokens-0", "temperature", "n", "echo", "token-id", "type"])
-def test_bad_requests_get_openai_errors(served, body, status, names):
+@pytest.mark.parametrize("body, status, names, param", [
+    (b'{"model": "smol", "prompt": "hi",', 400, "not valid JSON", None),
+    (json.dumps({"model": "gpt-4", "prompt": "hi"}), 404, "'gpt-4'", "model"),
+    (json.dumps({"model": NAME, "prompt": "word " * 600}), 400, "exceeds the cache length max_seq_len=512", "prompt"),
+    (json.dumps({"model": NAME, "prompt": "hi", "max_tokens": 0}), 400, "max_tokens must be >= 1, got 0", "max_tokens"),
+    (json.dumps({"model": NAME, "prompt": "hi", "temperature": -1}), 400, "temperature >= 0", "temperature"),
+    (json.dumps({"model": NAME, "prompt": "hi", "top_p": 0}), 400, "0 < top_p <= 1", "top_p"),
+    (json.dumps({"model": NAME, "prompt": "hi", "n": 2}), 400, "n=2", "n"),
+    (json.dumps({"model": NAME, "prompt": "hi", "echo": True}), 400, "echo=True", "echo"),
+    (json.dumps({"model": NAME, "prompt": [1, 2, 10 ** 6]}), 400, "[1000000]", "prompt"),
+    (json.dumps({"model": NAME, "prompt": "hi", "max_tokens": "8"}), 400, "max_tokens must be an integer, got '8'",
+     "max_tokens"),
+], ids=["malformed", "unknown-model", "too-long", "max-tokens-0", "temperature", "top-p", "n", "echo", "token-id",
+        "type"])
+def test_bad_requests_get_openai_errors(served, body, status, names, param):
     _, _, url, _ = served
     r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status
-    assert names in _error(r)["message"]
+    error = _error(r)
+    assert names in error["message"] and error["param"] == param
 
 
 def test_bad_requests_through_the_client_then_the_server_still_answers(served):
@@ -184,6 +188,7 @@ def test_bad_requests_through_the_client_then_the_server_still_answers(served):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "word " * 600}], max_tokens=4)
     assert "exceeds the cache length max_seq_len=512" in e.value.body["message"]
+    assert e.value.body["param"] == "messages"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], n=2)
     assert e.value.body["param"] == "n"
