@@ -104,19 +104,17 @@ def parse_run(name: str) -> tuple[str, Optional[int]]:
     return kind, int(n) if at else None
 
 
-def kind_of(name: str) -> str:
-    return parse_run(name)[0]
-
-
 def ratios(runs: dict) -> tuple[dict, list]:
     """Output-token throughput of each continuous run (dense, delta) against each static run, and of delta against
     dense at the same slots, between runs that served every request (a ratio compares the same requests), and one
     line for each pair withheld."""
     runs = {k: r for k, r in runs.items() if "output_tokens_per_second" in r}
-    pairs = [(k, base) for k in runs for base in runs if kind_of(k) != "static" and kind_of(base) == "static"]
-    pairs += [(k, base) for k in runs for base in runs if kind_of(k) == "delta" and kind_of(base) == "dense"
-              and runs[k].get("slots") == runs[base].get("slots")]
-    given = {f"output tokens/s, {k} / {base}": runs[k]["output_tokens_per_second"] / runs[base]["output_tokens_per_second"]
+    kind = {k: parse_run(k)[0] for k in runs}
+    pairs = [(k, base) for k in runs for base in runs
+             if (kind[k] != "static" and kind[base] == "static")
+             or (kind[k] == "delta" and kind[base] == "dense" and runs[k].get("slots") == runs[base].get("slots"))]
+    tps = {k: r["output_tokens_per_second"] for k, r in runs.items()}
+    given = {f"output tokens/s, {k} / {base}": tps[k] / tps[base]
              for k, base in pairs if not runs[k]["failed"] and not runs[base]["failed"]}
     withheld = [f"no {k} / {base} ratio: " + ", ".join(f"{n} refused {runs[n]['failed']} of "
                                                         f"{runs[n]['failed'] + runs[n]['requests']} requests"
@@ -326,8 +324,9 @@ def table(results: dict) -> str:
         if not r["requests"]:
             continue
         lines.append(f"{name:<10} {r['seconds']:>7.1f}s {r['ttft_p50']:>8.2f}s {r['ttft_p99']:>8.2f}s "
-                     f"{ms(r['tpot_p50']):>9} {ms(r['tpot_p99']):>9} {r['requests_per_second']:>7.2f} {r['output_tokens_per_second']:>10.1f} "
-                     f"{r.get('peak_pages', '-'):>11} {r.get('max_running', '-'):>12}")
+                     f"{ms(r['tpot_p50']):>9} {ms(r['tpot_p99']):>9} {r['requests_per_second']:>7.2f} "
+                     f"{r['output_tokens_per_second']:>10.1f} {r.get('peak_pages', '-'):>11} "
+                     f"{r.get('max_running', '-'):>12}")
     for k, v in results.get("ratios", {}).items():
         lines.append(f"{k}: {v:.2f}x")
     lines += results.get("ratios_withheld", [])

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import time
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -126,6 +127,12 @@ def create_app(engine, scheduler: scheduling.Scheduler, *, model_name: str, warm
         return JSONResponse(APIError(500, f"{type(e).__name__}: {e}".splitlines()[0], kind="server_error").body(),
                             status_code=500)
 
+    def refused(e: ConfigError, chat: bool, param: Optional[str] = None) -> APIError:
+        """The 400 for a request the engine refuses; `param` (else the error's own) names the field, a chat's
+        prompt being its `messages`."""
+        param = param or e.param
+        return APIError(400, str(e), param="messages" if chat and param == "prompt" else param)
+
     def encode(params: protocol.Params, chat: bool) -> list[int]:
         """Token ids of a completion prompt, or of the messages through the chat template."""
         tok = engine.tokenizer
@@ -140,7 +147,7 @@ def create_app(engine, scheduler: scheduling.Scheduler, *, model_name: str, warm
                 raise ConfigError(f"the chat template rejects these messages: {e}".splitlines()[0])
             return engine.encode(tok(text, add_special_tokens=False)["input_ids"])
         except ConfigError as e:
-            raise APIError(400, str(e), param="messages" if chat else "prompt")
+            raise refused(e, chat, "prompt")
 
     async def generate(request: Request, chat: bool):
         body = protocol.parse_body(await request.body())
@@ -156,7 +163,7 @@ def create_app(engine, scheduler: scheduling.Scheduler, *, model_name: str, warm
         try:
             worker.submit(req)
         except ConfigError as e:
-            raise APIError(400, str(e), param="messages" if chat and e.param == "prompt" else e.param)
+            raise refused(e, chat)
         except RuntimeError as e:
             raise APIError(503, str(e), kind="server_error")
         reply = protocol.Reply(chat, req.id, model_name)
