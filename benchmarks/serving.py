@@ -10,8 +10,9 @@ One process, one random-weight model, the SAME arrivals for every run:
 Prompt lengths are drawn from `--lengths` (each prompt exactly one of them, so the prefill compiles once per
 length), output lengths uniformly from `--outputs`. Every compile is warmed up before timing. Reports time to
 first token (p50/p99), time per output token, request and token throughput, the peak KV pages in use, and how
-many long requests a paged pool holds against a padded cache of the same bytes, and the least time dense decode
-of the requests takes at the copy bandwidth measured in the run. JSON + plot + table.
+many long requests a paged pool holds against a padded cache of the same bytes, the least time dense decode
+of the requests takes at the copy bandwidth measured in the run, and each continuous run's prompts' prefill time
+(one prompt at a time on the idle device, measured after its warm-up). JSON + plot + table.
 
     python benchmarks/serving.py --out benchmarks/results            # H200: random-weight Llama-3.1-8B, bf16
     python benchmarks/serving.py --smoke                              # tiny model on the CPU
@@ -97,10 +98,13 @@ def summarize(w: Workload, timings: list, seconds: float) -> dict:
 
 def parse_run(name: str) -> tuple[str, Optional[int]]:
     """A run's name -> (`static`, `dense` or `delta`; N of its `@N`: slots, or the rows of a static batch, None
-    without). Raises ValueError naming a bad one."""
+    without; -1 for `static@max`). Raises ValueError naming a bad one."""
     kind, at, n = name.partition("@")
+    if kind == "static" and n == "max":
+        return kind, -1
     if kind not in ("static", "dense", "delta") or (at and not (n.isdigit() and int(n) > 0)):
-        raise ValueError(f"--runs: {name!r} is not static, dense or delta with an optional @N (N >= 1)")
+        raise ValueError(f"--runs: {name!r} is not static, dense or delta with an optional @N (N >= 1), "
+                         f"or static@max")
     return kind, int(n) if at else None
 
 
@@ -165,6 +169,18 @@ async def _client(url: str, w: Workload, sched, poll: dict) -> tuple[list, float
     return list(timings), now()
 
 
+def time_prefills(sched, lengths, vocab: int) -> dict:
+    """Seconds of one prompt's prefill (compiled, on the idle device, to its first token) for each of `lengths`."""
+    rng = np.random.default_rng(2)
+    out = {}
+    for n in lengths:
+        sched.submit(Request(prompt=rng.integers(0, vocab, n).tolist(), max_tokens=1))
+        t0 = time.perf_counter()
+        sched.run()
+        out[n] = time.perf_counter() - t0
+    return out
+
+
 def run_server(engine, w: Workload, prefill: PrefillConfig, decode: DecodeConfig, a) -> dict:
     """Continuous batching through the HTTP app: warm-up of every prompt length, then the timed arrivals."""
     sched = engine.scheduler(prefill, decode, slots=a.slots, num_pages=a.kv_pages, chunk=a.chunk)
@@ -174,9 +190,10 @@ def run_server(engine, w: Workload, prefill: PrefillConfig, decode: DecodeConfig
     for n in sorted({len(p) for p in w.prompts}):
         sched.submit(Request(prompt=rng.integers(0, engine.config.vocab_size, n).tolist(), max_tokens=a.chunk + 1))
     sched.run()
-    sched.reset_metrics()
     warm = time.perf_counter() - t0
     print(f"  warm-up (compiles) {warm:.1f}s", flush=True)
+    by_length = time_prefills(sched, sorted({len(p) for p in w.prompts}), engine.config.vocab_size)
+    sched.reset_metrics()
     sock = server.listen("127.0.0.1", 0)
     srv = server.server(server.create_app(engine, sched, model_name=MODEL, warmup=False), sock)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -193,7 +210,8 @@ def run_server(engine, w: Workload, prefill: PrefillConfig, decode: DecodeConfig
     m = sched.metrics()
     spec = sched.spec
     out = summarize(w, timings, seconds)
-    out.update(warmup_seconds=warm, peak_pages=m["peak_pages_in_use"], pool_pages=m["pages_total"],
+    out.update(warmup_seconds=warm, prefill_seconds_by_length=by_length,
+               prefill_seconds=sum(by_length[len(p)] for p in w.prompts), peak_pages=m["peak_pages_in_use"], pool_pages=m["pages_total"],
                page_size=spec.page_size, slots=spec.slots, pages_per_slot=spec.pages_per_seq, **poll,
                server_ttft_p50=m["ttft_p50_seconds"], server_ttft_p99=m["ttft_p99_seconds"],
                padded_pages_for_max_running=poll["max_running"] * spec.pages_per_seq)
@@ -272,6 +290,22 @@ def decode_bound(w: Workload, kv_bytes_per_token: int, weight_bytes: int, bandwi
             "seconds": (kv + weight_bytes * steps) / bandwidth}
 
 
+def floors(runs: dict, bound: dict) -> list[str]:
+    """For each continuous dense run: its prompts' prefills (one at a time on the idle device) plus the decode
+    bound, the least time any dense schedule of these requests takes with this prefill; and the most a dense run
+    could gain on each static run that served every request (the same tokens over that least time)."""
+    lines = []
+    for k, r in runs.items():
+        if parse_run(k)[0] != "dense" or "prefill_seconds" not in r:
+            continue
+        least = r["prefill_seconds"] + bound["seconds"]
+        gains = [f"{base} / that {s['seconds'] / least:.2f}x at most" for base, s in runs.items()
+                 if parse_run(base)[0] == "static" and "seconds" in s and not s["failed"]]
+        lines.append(f"{k}: prefills {r['prefill_seconds']:.1f}s + decode bound {bound['seconds']:.1f}s = at least "
+                     f"{least:.1f}s, ran {r['seconds']:.1f}s" + "".join(f"; {g}" for g in gains))
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------- capacity
 def capacity(engine, a, long_len: int, new_tokens: int) -> dict:
     """Requests of `long_len + new_tokens` tokens held at once in the device's free memory: a paged pool (pages
@@ -336,6 +370,7 @@ def table(results: dict) -> str:
                      f"TB/s): at least {b['seconds']:.1f}s (KV {b['kv_bytes'] / 1e12:.1f} TB, weights "
                      f"{b['weight_bytes'] / 1e9:.1f} GB x {b['steps']} steps); the rest of a run's seconds is prefill, "
                      f"waits and the decode above the bound")
+        lines += floors(results["runs"], b)
     c = results["capacity"]
     lines.append(f"{c['request_tokens']}-token requests held in {c['bytes'] / 2**30:.1f} GiB: paged {c['paged']}, "
                  + ", ".join(f"padded to {k} tokens {v}" for k, v in c["padded_by_row_tokens"].items()))
@@ -354,7 +389,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default="dense,static,delta",
                     help="from dense, delta (continuous batching), static; NAME@N runs it with N slots (N rows a "
-                         "static batch) instead of --slots (--static-batch)")
+                         "static batch) instead of --slots (--static-batch); static@max: the most rows padded to "
+                         "the longest request that the free memory holds (the capacity line)")
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--kv-pages", type=int, default=None, help="pool pages (default: every slot at full length)")
     ap.add_argument("--chunk", type=int, default=16, help="decode steps per dispatch")
@@ -406,6 +442,8 @@ def main(argv=None):
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.state))
     results["decode_bound"] = decode_bound(w, memory.kv_bytes_per_token(cfg, engine.dtype), weights, bandwidth)
     print(f"{len(w.prompts)} requests over {w.arrival[-1]:.1f}s", flush=True)
+    most = min(len(w.prompts), results["capacity"]["padded_by_row_tokens"][str(engine.max_seq_len)])
+    runs = [(f"static@{most}", kind, most) if n == -1 else (name, kind, n) for name, kind, n in runs]
     for name, kind, n in runs:
         elapsed = time.perf_counter() - t_start
         if elapsed > a.deadline:

@@ -3,7 +3,7 @@ bandwidth bound."""
 
 import numpy as np
 
-from benchmarks.serving import Workload, decode_bound, ratios
+from benchmarks.serving import Workload, decode_bound, floors, ratios
 
 
 def _run(tps, served, failed):
@@ -34,3 +34,10 @@ def test_the_decode_bound_counts_every_token_s_context_and_the_longest_answer_s_
     b = decode_bound(w, per_token, weights, bandwidth)
     assert (b["kv_bytes"], b["steps"]) == (kv, outputs.max())
     assert b["seconds"] == (kv + weights * outputs.max()) / bandwidth
+
+
+def test_a_dense_run_s_floor_is_its_prefills_plus_the_decode_bound():
+    runs = {"static@4": {"seconds": 90.0, "failed": 0}, "static@2": {"seconds": 120.0, "failed": 1},
+            "dense@8": {"seconds": 50.0, "prefill_seconds": 15.0}, "delta@8": {"seconds": 30.0, "prefill_seconds": 5.0}}
+    assert floors(runs, {"seconds": 30.0}) == [
+        "dense@8: prefills 15.0s + decode bound 30.0s = at least 45.0s, ran 50.0s; static@4 / that 2.00x at most"]
