@@ -50,6 +50,14 @@ def hbm_bandwidth(gib: float = 2.0) -> float:
     return 2 * n * 4 / t
 
 
+def hbm_read_bandwidth(gib: float = 2.0) -> float:
+    """Measured device read bandwidth in bytes/s (a sum over `gib` GiB: what a decode step does to its cache)."""
+    n = int(gib * 2**30) // 4
+    x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.float32)
+    t = time_fn(jax.jit(jnp.sum), x, reps=10)
+    return n * 4 / t
+
+
 def matmul_ceiling(n: int = 8192) -> float:
     """Measured bf16 matmul FLOP/s."""
     a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)

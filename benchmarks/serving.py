@@ -11,7 +11,7 @@ Prompt lengths are drawn from `--lengths` (each prompt exactly one of them, so t
 length), output lengths uniformly from `--outputs`. Every compile is warmed up before timing. Reports time to
 first token (p50/p99), time per output token, request and token throughput, the peak KV pages in use, and how
 many long requests a paged pool holds against a padded cache of the same bytes, the least time dense decode
-of the requests takes at the copy bandwidth measured in the run, and each continuous run's prompts' prefill time
+of the requests takes at the read bandwidth measured in the run, and each continuous run's prompts' prefill time
 (one prompt at a time on the idle device, measured after its warm-up). JSON + plot + table.
 
     python benchmarks/serving.py --out benchmarks/results            # H200: random-weight Llama-3.1-8B, bf16
@@ -366,7 +366,7 @@ def table(results: dict) -> str:
     lines += results.get("ratios_withheld", [])
     b = results.get("decode_bound")
     if b:
-        lines.append(f"dense decode of these requests at the measured copy bandwidth ({b['bandwidth'] / 1e12:.2f} "
+        lines.append(f"dense decode of these requests at the measured read bandwidth ({b['bandwidth'] / 1e12:.2f} "
                      f"TB/s): at least {b['seconds']:.1f}s (KV {b['kv_bytes'] / 1e12:.1f} TB, weights "
                      f"{b['weight_bytes'] / 1e9:.1f} GB x {b['steps']} steps); the rest of a run's seconds is prefill, "
                      f"waits and the decode above the bound")
@@ -438,7 +438,7 @@ def main(argv=None):
                "workload": {"requests": len(w.prompts), "arrival": w.arrival.tolist(),
                             "prompt_tokens": [len(p) for p in w.prompts], "output_tokens": w.outputs.tolist()},
                "capacity": capacity(engine, a, max(lengths), outputs[1]), "runs": {}}
-    bandwidth = common.hbm_bandwidth(0.0625 if a.smoke else 2.0)
+    bandwidth = common.hbm_read_bandwidth(0.0625 if a.smoke else 4.0)
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.state))
     results["decode_bound"] = decode_bound(w, memory.kv_bytes_per_token(cfg, engine.dtype), weights, bandwidth)
     print(f"{len(w.prompts)} requests over {w.arrival[-1]:.1f}s", flush=True)
