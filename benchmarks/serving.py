@@ -211,7 +211,8 @@ def run_server(engine, w: Workload, prefill: PrefillConfig, decode: DecodeConfig
     spec = sched.spec
     out = summarize(w, timings, seconds)
     out.update(warmup_seconds=warm, prefill_seconds_by_length=by_length,
-               prefill_seconds=sum(by_length[len(p)] for p in w.prompts), peak_pages=m["peak_pages_in_use"], pool_pages=m["pages_total"],
+               prefill_seconds=sum(by_length[len(p)] for p in w.prompts), peak_pages=m["peak_pages_in_use"],
+               pool_pages=m["pages_total"],
                page_size=spec.page_size, slots=spec.slots, pages_per_slot=spec.pages_per_seq, **poll,
                server_ttft_p50=m["ttft_p50_seconds"], server_ttft_p99=m["ttft_p99_seconds"],
                padded_pages_for_max_running=poll["max_running"] * spec.pages_per_seq)

@@ -9,6 +9,7 @@ host's available memory, shared by every simulated device).
 from __future__ import annotations
 
 import os
+import weakref
 from typing import NamedTuple, Optional
 
 import jax
@@ -44,11 +45,25 @@ class DoesNotFit(ConfigError):
     """A compiled step needs more device memory than is free (raised before it runs)."""
 
 
+_ANALYSES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _analysis(compiled):
+    """XLA's memory analysis of `compiled` (None where the backend gives none), read once per executable: reading
+    it walks the whole program (60 ms for Llama-3.1-8B's prefill, on the host), and every prefill is checked."""
     try:
-        return compiled.memory_analysis()
+        return _ANALYSES[compiled]
+    except (KeyError, TypeError):
+        pass
+    try:
+        m = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - a backend without memory analysis
-        return None
+        m = None
+    try:
+        _ANALYSES[compiled] = m
+    except TypeError:  # not weak-referenceable: read again next time
+        pass
+    return m
 
 
 def call_bytes(compiled) -> Optional[int]:
