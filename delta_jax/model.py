@@ -105,13 +105,19 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def seq_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
-    """`fn` over `x [b, T, ...]` in sequence chunks of `chunk` tokens (one at a time: bounded activations)."""
-    b, t = x.shape[:2]
+def residual_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
+    """`x + fn(x)` for `x [b, T, ...]` and a `fn` that maps each token on its own, over sequence chunks of `chunk`
+    tokens one at a time (bounded activations), updated in place: no buffer of x's size is added per call (the
+    results of a `lax.map` took one per layer: 8 GiB of a 32K-token prefill of Llama-3.1-8B)."""
+    t = x.shape[1]
     if t <= chunk or t % chunk:
-        return fn(x)
-    xs = jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
-    return jnp.moveaxis(jax.lax.map(fn, xs), 0, 1).reshape(b, t, *x.shape[2:])
+        return x + fn(x)
+
+    def body(i, x):
+        piece = jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(x, piece + fn(piece), i * chunk, axis=1)
+
+    return jax.lax.fori_loop(0, t // chunk, body, x)
 
 
 class Block(nnx.Module):
@@ -128,7 +134,7 @@ class Block(nnx.Module):
         """x `[b, s, hidden]` -> (x, aux of `attend`); the MLP runs over `chunk`-token pieces of long inputs."""
         a, aux = self.attn(self.attn_norm(x), positions, inv_freq, attend)
         x = x + a
-        return x + seq_chunks(lambda y: self.mlp(self.mlp_norm(y)), x, chunk), aux
+        return residual_chunks(lambda y: self.mlp(self.mlp_norm(y)), x, chunk), aux
 
 
 class Decoder(nnx.Module):
