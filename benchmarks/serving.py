@@ -308,18 +308,18 @@ def floors(runs: dict, bound: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- capacity
-def capacity(engine, a, long_len: int, new_tokens: int) -> dict:
-    """Requests of `long_len + new_tokens` tokens held at once in the device's free memory: a paged pool (pages
-    per request) against a padded cache (one row of `row` tokens per request), for each padded row length."""
-    per_token = memory.kv_bytes_per_token(engine.config, engine.dtype)
-    free, what = memory.free_bytes()
-    act = memory.prefill_bytes(engine.config, 1, long_len, engine.dtype)
-    budget = int(memory.HEADROOM * free - act)
-    page = a.page_size * per_token
-    need = cache.pages_for(long_len + new_tokens, a.page_size)
-    rows = {str(r): budget // (r * per_token) for r in (engine.max_seq_len, a.padded_len)}
-    return {"bytes": budget, "what": what, "request_tokens": long_len + new_tokens, "paged": budget // page // need,
-            "padded_by_row_tokens": rows}
+def capacity(engine, a, methods, slots: int, long_len: int, new_tokens: int) -> dict:
+    """Requests of `long_len + new_tokens` tokens held at once in the memory of the KV pool that a continuous run
+    with `methods` and `slots` gets (what the free memory holds beside XLA's figure for its longest prefills): in
+    pages (pages per request) against padded rows (one of `row` tokens per request), for each padded length."""
+    sched = engine.scheduler(*methods, slots=slots, num_pages=a.kv_pages, chunk=a.chunk)
+    pages = sched.metrics()["pages_total"]
+    sched.close()
+    tokens = pages * a.page_size
+    return {"bytes": tokens * memory.kv_bytes_per_token(engine.config, engine.dtype), "pool_pages": pages,
+            "request_tokens": long_len + new_tokens, "paged": pages // cache.pages_for(long_len + new_tokens,
+                                                                                      a.page_size),
+            "padded_by_row_tokens": {str(r): tokens // r for r in (engine.max_seq_len, a.padded_len)}}
 
 
 def plot(results: dict, path: str) -> None:
@@ -373,7 +373,8 @@ def table(results: dict) -> str:
                      f"waits and the decode above the bound")
         lines += floors(results["runs"], b)
     c = results["capacity"]
-    lines.append(f"{c['request_tokens']}-token requests held in {c['bytes'] / 2**30:.1f} GiB: paged {c['paged']}, "
+    lines.append(f"{c['request_tokens']}-token requests held in the continuous runs' pool ({c['pool_pages']} pages, "
+                 f"{c['bytes'] / 2**30:.1f} GiB): paged {c['paged']}, "
                  + ", ".join(f"padded to {k} tokens {v}" for k, v in c["padded_by_row_tokens"].items()))
     return "\n".join(lines)
 
@@ -391,7 +392,7 @@ def main(argv=None):
     ap.add_argument("--runs", default="dense,static,delta",
                     help="from dense, delta (continuous batching), static; NAME@N runs it with N slots (N rows a "
                          "static batch) instead of --slots (--static-batch); static@max: the most rows padded to "
-                         "the longest request that the free memory holds (the capacity line)")
+                         "the longest request that the continuous runs' pool holds (the capacity line)")
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--kv-pages", type=int, default=None, help="pool pages (default: every slot at full length)")
     ap.add_argument("--chunk", type=int, default=16, help="decode steps per dispatch")
@@ -438,7 +439,8 @@ def main(argv=None):
                            "delta": [dataclasses.asdict(m) for m in delta]},
                "workload": {"requests": len(w.prompts), "arrival": w.arrival.tolist(),
                             "prompt_tokens": [len(p) for p in w.prompts], "output_tokens": w.outputs.tolist()},
-               "capacity": capacity(engine, a, max(lengths), outputs[1]), "runs": {}}
+               "capacity": capacity(engine, a, dense, max([n or a.slots for _, kind, n in runs if kind != "static"],
+                                                          default=a.slots), max(lengths), outputs[1]), "runs": {}}
     bandwidth = common.hbm_read_bandwidth(0.0625 if a.smoke else 4.0)
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.state))
     results["decode_bound"] = decode_bound(w, memory.kv_bytes_per_token(cfg, engine.dtype), weights, bandwidth)
