@@ -20,16 +20,30 @@ def _tiles(qf, pos, block_rows):
             pos.reshape(B, nq, block_rows).transpose(1, 0, 2))
 
 
-def _over_tiles(one, q_tiles, p_tiles, k, v, sched, tiles_at_once):
+def _over_tiles(one, q_tiles, p_tiles, k, v, sched, tiles_at_once, into=None):
     """Runs `one(q, t, k, v, *sched)` (a single (batch, kv head, tile)) over every tile, vmapped over
-    batch and kv heads, `tiles_at_once` tiles per step of a sequential map (None: all at once)."""
+    batch and kv heads, `tiles_at_once` tiles per step of a sequential loop (None: all at once).
+
+    `into`: buffers shaped as the results (`[tiles, ...]` each) to write them over. A loop whose results start
+    from constants gets buffers that the calls of one program do not share: each layer of a prefill kept its own.
+    None: `lax.map`'s own."""
     per_head = jax.vmap(one, in_axes=(0, None, 0, 0) + (0,) * len(sched))
     per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, 0) + (0,) * len(sched))
     tile = lambda xs: per_batch(xs[0], xs[1], k, v, *xs[2:])
     xs = (q_tiles, p_tiles) + tuple(jnp.moveaxis(x, 2, 0) for x in sched)
-    if tiles_at_once is None or tiles_at_once >= q_tiles.shape[0]:
+    nq = q_tiles.shape[0]
+    if tiles_at_once is None or tiles_at_once >= nq:
         return jax.vmap(tile)(xs)
-    return lax.map(tile, xs, batch_size=tiles_at_once)
+    if into is None:
+        return lax.map(tile, xs, batch_size=tiles_at_once)
+
+    def write(start, size, out):
+        res = jax.vmap(tile)(tuple(lax.dynamic_slice_in_dim(x, start, size) for x in xs))
+        return tuple(lax.dynamic_update_slice_in_dim(o, r, start, 0) for o, r in zip(out, res))
+
+    n = tiles_at_once
+    out = lax.fori_loop(0, nq // n, lambda i, out: write(i * n, n, out), tuple(into))
+    return write(nq - nq % n, nq % n, out) if nq % n else out
 
 
 def _key_block(kk, vv, kb, block_k):
@@ -69,7 +83,9 @@ def attend(qf, pos, k, v, schedule, *, block_rows, block_k, window, sinks, gamma
         (out,), lse2 = softmax.finish(lax.fori_loop(0, count, body, softmax.init(block_rows, (D,))))
         return out.astype(qf.dtype), lse2 * softmax.LN2
 
-    out, lse = _over_tiles(one, *_tiles(qf, pos, block_rows), k, v, sched, tiles_at_once)
+    q_tiles, p_tiles = _tiles(qf, pos, block_rows)
+    into = (q_tiles, jnp.zeros(q_tiles.shape[:-1], jnp.float32))  # the outputs overwrite the query tiles
+    out, lse = _over_tiles(one, q_tiles, p_tiles, k, v, sched, tiles_at_once, into)
     return out.transpose(1, 2, 0, 3, 4).reshape(B, hkv, N, D), lse.transpose(1, 2, 0, 3).reshape(B, hkv, N)
 
 

@@ -83,6 +83,34 @@ def test_sparse_attention_and_lse(backend):
         assert rel_err(lse, want_lse) < 1e-5
 
 
+@pytest.mark.parametrize("tiles", [1, 3, None])
+def test_xla_tiles_at_once_walked_in_steps(tiles, monkeypatch):
+    """The XLA body walks its query tiles `tiles` at a time (3: 5 tiles, a last step of 2), writing each step's
+    results over the query tiles; the same output and lse as the reference."""
+    monkeypatch.setattr(sp, "_xla_tiles_at_once", lambda window: tiles)
+    jax.clear_caches()  # the jitted attention was traced with the setting of an earlier call
+    q, k, v = _inputs(9, 2, 150, 8, 2)
+    out, lse = sp.sparse_attention(q, k, v, window=150, sinks=0, return_lse=True, **_kw("xla"))
+    want, want_lse = ref64(ref.sparse_attention_reference, q, k, v, window=150, sinks=0, return_lse=True)
+    assert rel_err(out, want) < 1e-5 and rel_err(lse, want_lse) < 1e-5
+
+
+def test_xla_dense_attention_adds_no_buffer_per_layer():
+    """Dense attention on the CPU walks its tiles in a loop; layer after layer, the loops reuse one output
+    buffer (results started from constants kept one per layer: a query's size per layer of a prefill)."""
+    def temp(layers):
+        def fn(q, k, v):
+            for _ in range(layers):
+                q = q + sp.sparse_attention(q, k, v, window=q.shape[1], sinks=0, backend="xla")
+            return q
+
+        q, kv = jax.ShapeDtypeStruct((1, 2048, 8, 64), jnp.float32), jax.ShapeDtypeStruct((1, 2048, 2, 64),
+                                                                                        jnp.float32)
+        return jax.jit(fn).lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp(6) - temp(2) < 2048 * 8 * 64 * 4
+
+
 def test_gpu_window_kernel_in_one_loop():
     # sinks, band edges and interior walked by one loop with every block masked, heads folded or not
     q, k, v = _inputs(13, 2, 150, 8, 2)
