@@ -20,29 +20,28 @@ def _tiles(qf, pos, block_rows):
             pos.reshape(B, nq, block_rows).transpose(1, 0, 2))
 
 
-def _over_tiles(one, q_tiles, p_tiles, k, v, sched, tiles_at_once, into=None):
+def _over_tiles(one, q_tiles, p_tiles, k, v, sched, tiles_at_once):
     """Runs `one(q, t, k, v, *sched)` (a single (batch, kv head, tile)) over every tile, vmapped over
     batch and kv heads, `tiles_at_once` tiles per step of a sequential loop (None: all at once).
 
-    `into`: buffers shaped as the results (`[tiles, ...]` each) to write them over. A loop whose results start
-    from constants gets buffers that the calls of one program do not share: each layer of a prefill kept its own.
-    None: `lax.map`'s own."""
+    The loop's results start from its first step's, padded. Results started from constants (as `lax.map`'s) get
+    buffers that the calls of one program do not share: each layer of a CPU prefill kept its own."""
     per_head = jax.vmap(one, in_axes=(0, None, 0, 0) + (0,) * len(sched))
     per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, 0) + (0,) * len(sched))
     tile = lambda xs: per_batch(xs[0], xs[1], k, v, *xs[2:])
     xs = (q_tiles, p_tiles) + tuple(jnp.moveaxis(x, 2, 0) for x in sched)
-    nq = q_tiles.shape[0]
-    if tiles_at_once is None or tiles_at_once >= nq:
+    nq, n = q_tiles.shape[0], tiles_at_once
+    if n is None or n >= nq:
         return jax.vmap(tile)(xs)
-    if into is None:
-        return lax.map(tile, xs, batch_size=tiles_at_once)
+
+    def step(start, size):
+        return jax.vmap(tile)(tuple(lax.dynamic_slice_in_dim(x, start, size) for x in xs))
 
     def write(start, size, out):
-        res = jax.vmap(tile)(tuple(lax.dynamic_slice_in_dim(x, start, size) for x in xs))
-        return tuple(lax.dynamic_update_slice_in_dim(o, r, start, 0) for o, r in zip(out, res))
+        return jax.tree.map(lambda o, r: lax.dynamic_update_slice_in_dim(o, r, start, 0), out, step(start, size))
 
-    n = tiles_at_once
-    out = lax.fori_loop(0, nq // n, lambda i, out: write(i * n, n, out), tuple(into))
+    out = jax.tree.map(lambda r: jnp.pad(r, [(0, nq - n)] + [(0, 0)] * (r.ndim - 1)), step(0, n))
+    out = lax.fori_loop(1, nq // n, lambda i, out: write(i * n, n, out), out)
     return write(nq - nq % n, nq % n, out) if nq % n else out
 
 
@@ -83,9 +82,7 @@ def attend(qf, pos, k, v, schedule, *, block_rows, block_k, window, sinks, gamma
         (out,), lse2 = softmax.finish(lax.fori_loop(0, count, body, softmax.init(block_rows, (D,))))
         return out.astype(qf.dtype), lse2 * softmax.LN2
 
-    q_tiles, p_tiles = _tiles(qf, pos, block_rows)
-    into = (q_tiles, jnp.zeros(q_tiles.shape[:-1], jnp.float32))  # the outputs overwrite the query tiles
-    out, lse = _over_tiles(one, q_tiles, p_tiles, k, v, sched, tiles_at_once, into)
+    out, lse = _over_tiles(one, *_tiles(qf, pos, block_rows), k, v, sched, tiles_at_once)
     return out.transpose(1, 2, 0, 3, 4).reshape(B, hkv, N, D), lse.transpose(1, 2, 0, 3).reshape(B, hkv, N)
 
 

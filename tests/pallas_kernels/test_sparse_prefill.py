@@ -85,8 +85,8 @@ def test_sparse_attention_and_lse(backend):
 
 @pytest.mark.parametrize("tiles", [1, 3, None])
 def test_xla_tiles_at_once_walked_in_steps(tiles, monkeypatch):
-    """The XLA body walks its query tiles `tiles` at a time (3: 5 tiles, a last step of 2), writing each step's
-    results over the query tiles; the same output and lse as the reference."""
+    """The XLA body walks its query tiles `tiles` at a time (3: 5 tiles, a last step of 2); the same output and
+    lse as the reference."""
     monkeypatch.setattr(sp, "_xla_tiles_at_once", lambda window: tiles)
     jax.clear_caches()  # the jitted attention was traced with the setting of an earlier call
     q, k, v = _inputs(9, 2, 150, 8, 2)
