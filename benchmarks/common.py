@@ -41,21 +41,13 @@ def time_fn(fn, *args, reps: int = 10, warmup: int = 2) -> float:
     return statistics.median(ts)
 
 
-def hbm_bandwidth(gib: float = 2.0) -> float:
-    """Measured device copy bandwidth in bytes/s (bytes read + bytes written)."""
+def hbm_bandwidth(gib: float = 2.0, read_only: bool = False) -> float:
+    """Measured device bandwidth in bytes/s over `gib` GiB: a copy's (bytes read + bytes written), or with
+    `read_only` a sum's (bytes read: what a decode step does to its cache)."""
     n = int(gib * 2**30) // 4
     x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.float32)
-    copy = jax.jit(lambda a: a * 1.0001)
-    t = time_fn(copy, x, reps=10)
-    return 2 * n * 4 / t
-
-
-def hbm_read_bandwidth(gib: float = 2.0) -> float:
-    """Measured device read bandwidth in bytes/s (a sum over `gib` GiB: what a decode step does to its cache)."""
-    n = int(gib * 2**30) // 4
-    x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.float32)
-    t = time_fn(jax.jit(jnp.sum), x, reps=10)
-    return n * 4 / t
+    t = time_fn(jax.jit(jnp.sum if read_only else lambda a: a * 1.0001), x, reps=10)
+    return (1 if read_only else 2) * n * 4 / t
 
 
 def matmul_ceiling(n: int = 8192) -> float:

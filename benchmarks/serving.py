@@ -434,14 +434,14 @@ def main(argv=None):
     delta = (PrefillConfig(method="delta", window=a.window, sinks=a.sinks, gamma=a.gamma),
              DecodeConfig(method="delta", full_layers=ints(a.full_layers), selection_layers=ints(a.selection_layers),
                           budget=a.budget, recent=a.recent, page_size=a.page_size))
+    slots = max([n or a.slots for _, kind, n in runs if kind != "static"], default=a.slots)  # the widest pool
     results = {"env": common.environment(), "args": vars(a), "config": dataclasses.asdict(cfg),
                "methods": {"dense": [dataclasses.asdict(m) for m in dense],
                            "delta": [dataclasses.asdict(m) for m in delta]},
                "workload": {"requests": len(w.prompts), "arrival": w.arrival.tolist(),
                             "prompt_tokens": [len(p) for p in w.prompts], "output_tokens": w.outputs.tolist()},
-               "capacity": capacity(engine, a, dense, max([n or a.slots for _, kind, n in runs if kind != "static"],
-                                                          default=a.slots), max(lengths), outputs[1]), "runs": {}}
-    bandwidth = common.hbm_read_bandwidth(0.0625 if a.smoke else 4.0)
+               "capacity": capacity(engine, a, dense, slots, max(lengths), outputs[1]), "runs": {}}
+    bandwidth = common.hbm_bandwidth(0.0625 if a.smoke else 4.0, read_only=True)
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.state))
     results["decode_bound"] = decode_bound(w, memory.kv_bytes_per_token(cfg, engine.dtype), weights, bandwidth)
     print(f"{len(w.prompts)} requests over {w.arrival[-1]:.1f}s", flush=True)
