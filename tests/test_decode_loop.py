@@ -140,6 +140,24 @@ def test_memory_refusal_names_both_figures():
         e.generate([[1, 2, 3]] * 4, max_new_tokens=(1 << 24) - 8)
 
 
+def test_generate_prefills_at_most_prefill_batch_tokens_a_call(engine, monkeypatch):
+    """`generate` batches prompts into one prefill call only up to `PREFILL_BATCH_TOKENS` (padded) tokens, with the
+    same tokens as one call for all."""
+    from delta_jax import scheduler
+    prompts = _prompts(6, (60, 90, 30, 120))  # each compiled at 128 tokens
+    want = [g.tokens for g in engine.generate(prompts, max_new_tokens=5)]
+    shapes = []
+    real = engine.steps.prefill
+    monkeypatch.setattr(engine.steps, "prefill", lambda method, state, pages, tokens, *a, **k:
+                        shapes.append(tokens.shape) or real(method, state, pages, tokens, *a, **k))
+    engine.generate(prompts, max_new_tokens=5)
+    assert shapes == [(4, 128)]
+    shapes.clear()
+    monkeypatch.setattr(scheduler, "PREFILL_BATCH_TOKENS", 256)
+    got = [g.tokens for g in engine.generate(prompts, max_new_tokens=5)]
+    assert shapes == [(2, 128), (2, 128)] and got == want
+
+
 def test_a_prefill_batch_that_does_not_fit_is_split_and_a_single_one_refused(engine, monkeypatch):
     """XLA's own figure for the compiled prefill (temporaries and outputs) is checked before it runs: a batch
     that does not fit the free memory is prefilled in halves (same tokens), a single prompt is refused in one line
