@@ -208,8 +208,9 @@ class Engine:
 
         `slots` decode rows of up to `max_seq_len` tokens (default the engine's) each; `num_pages` pages of
         `page_size` in the pool (default: enough for every slot at full length, capped by the device's free
-        memory); `chunk` decode steps per dispatch. Refuses with one line when the pool and one prefill of
-        `max_seq_len` tokens cannot fit the device's memory.
+        memory); `chunk` decode steps per dispatch; one prefill call takes at most the tokens of `prefill_batch`
+        prompts of `max_seq_len` (default 1; never over `scheduler.PREFILL_BATCH_TOKENS`). Refuses with one line when
+        the pool and one prefill of `max_seq_len` tokens cannot fit the device's memory.
         """
         prefill, decode = methods_from(prefill, decode, params)
         ps = decode.page_size
